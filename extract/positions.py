@@ -1,0 +1,68 @@
+"""Which tokens of a padded batch an activation is read from.
+
+Everything here goes through the attention mask, so left and right padding give the
+same answer, and padded positions (whose hidden states may even be NaN for fully masked
+rows) never leak in: they are selected away or masked out, never multiplied by zero.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+TokenPosition = Literal["last", "first", "mean"]
+TOKEN_POSITIONS: tuple[str, ...] = ("last", "first", "mean")
+
+
+def check_token_position(position: str, *, allow_all: bool = False) -> str:
+    allowed = TOKEN_POSITIONS + (("all",) if allow_all else ())
+    if position not in allowed:
+        raise ValueError(f"token_position must be one of {', '.join(allowed)}; got {position!r}")
+    return position
+
+
+def align_mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """A bool [batch, tokens] mask matching ``hidden`` [batch, tokens, dim]; all ones if none
+    (and the trailing columns when a KV cache makes the forward shorter than the mask)."""
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    if mask is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=hidden.device)
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < tokens:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit hidden states "
+                         f"{tuple(hidden.shape)}")
+    return mask[:, -tokens:].to(device=hidden.device, dtype=torch.bool)
+
+
+def token_indices(mask: torch.Tensor, position: str) -> torch.Tensor:
+    """Index of the first or last real token of each row ([batch], long)."""
+    tokens = mask.shape[1]
+    idx = torch.arange(tokens, device=mask.device).expand_as(mask)
+    if position == "last":
+        return torch.where(mask, idx, -1).amax(dim=1).clamp_min(0)
+    if position == "first":
+        return torch.where(mask, idx, tokens).amin(dim=1).clamp_max(tokens - 1)
+    raise ValueError(f"no single index for token position {position!r}")
+
+
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, position: str) -> torch.Tensor:
+    """[batch, tokens, dim] -> float32 [batch, dim] at ``position`` (last/first/mean real token)."""
+    check_token_position(position)
+    m = align_mask(mask, hidden)
+    if position == "mean":
+        summed = hidden.float().masked_fill(~m.unsqueeze(-1), 0.0).sum(dim=1)
+        return summed / m.sum(dim=1, keepdim=True).clamp_min(1).float()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, token_indices(m, position)].float()
+
+
+def token_norms(hidden: torch.Tensor, mask: torch.Tensor | None, position: str) -> torch.Tensor:
+    """Per-row L2 norm of the states read at ``position`` ([batch], float32); for ``mean``,
+    the average per-token norm (the scale a vector added at every token competes with),
+    not the norm of the averaged state."""
+    check_token_position(position)
+    m = align_mask(mask, hidden)
+    if position != "mean":
+        return pool_tokens(hidden, m, position).norm(dim=-1)
+    norms = hidden.float().norm(dim=-1).masked_fill(~m, 0.0)
+    return norms.sum(dim=1) / m.sum(dim=1).clamp_min(1).float()

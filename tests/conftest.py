@@ -1,0 +1,63 @@
+"""Shared fixtures: locally built models (no hub), cached for the whole test run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from vsteer.engine.models import build_tiny_llama
+
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from vsteer.engine.models import prepare_smollm2
+
+    return str(prepare_smollm2())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    return model, tok
+
+
+SENTIMENT_LAYERS = [8, 10, 12]
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_vectors(smollm2_hf, tmp_path_factory):
+    """A registry holding a sentiment vector set extracted from the bundled pairs
+    (positive = loving, negative = hateful texts) at three middle layers of SmolLM2."""
+    from vsteer.engine import VectorRegistry
+    from vsteer.extract import ContrastPairDataset, extract_caa
+
+    model, tok = smollm2_hf
+    pairs = ContrastPairDataset.from_bundled("sentiment")
+    vs = extract_caa(model, tok, pairs, layers=SENTIMENT_LAYERS, token_position="mean", batch_size=16,
+                     progress=False, behaviour="sentiment", model_id="smollm2-135m-instruct")
+    reg = VectorRegistry(tmp_path_factory.mktemp("smollm2-vectors"))
+    reg.add("sentiment", vs)
+    return reg
