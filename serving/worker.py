@@ -1,0 +1,218 @@
+"""Worker side: hook the decoder layers after the model loads, and fill the steering
+tables once per scheduler step from the runner's own batch state.
+
+Mirrors how vLLM's LoRA support works (``lora_model_runner_mixin.set_active_loras``): the
+per-token mapping is built on the host from the input batch right after ``_prepare_inputs``
+and copied into persistent buffers the model reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vsteer.engine.registry import VectorRegistry
+from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
+
+from . import ops
+from .tables import POSITION_CODES, SteeringTables
+
+logger = logging.getLogger("vsteer")
+LAYERS_ENV = "VSTEER_LAYERS"  # optional: restrict steerable layers (saves table memory)
+
+
+def _has_attention(module: nn.Module) -> bool:
+    return any(type(m).__name__.endswith("Attention") for m in module.modules())
+
+
+def find_vllm_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Absolute layer index -> decoder block, for the blocks this pipeline stage owns.
+
+    The decoder stack is the longest ``ModuleList`` most of whose blocks hold an attention
+    layer (hybrid models mix in other blocks); lists under a vision tower or an encoder
+    lose ties to the language model's.
+    """
+    try:
+        from vllm.model_executor.models.utils import PPMissingLayer
+    except ImportError:  # pragma: no cover
+        PPMissingLayer = ()  # type: ignore[assignment]
+    candidates: list[tuple[bool, int, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        real = [c for c in module if not isinstance(c, PPMissingLayer)]
+        with_attn = sum(_has_attention(c) for c in real)
+        if real and 2 * with_attn >= len(real):
+            language = not any(k in name.lower() for k in ("vision", "visual", "encoder", "audio"))
+            candidates.append((language, len(module), module))
+    if not candidates:
+        raise RuntimeError(f"vsteer cannot find the decoder layers of {type(model).__name__}: no ModuleList of "
+                           "blocks holding an attention layer")
+    best = max(candidates, key=lambda c: (c[0], c[1]))[2]
+    return {i: block for i, block in enumerate(best) if not isinstance(block, PPMissingLayer)}
+
+
+def _selected_layers(available: dict[int, nn.Module]) -> list[int]:
+    spec = os.environ.get(LAYERS_ENV, "").strip()
+    if not spec or spec == "all":
+        return sorted(available)
+    wanted = {int(x) for x in spec.split(",") if x.strip()}
+    return sorted(layer for layer in available if layer in wanted)
+
+
+def _make_hook(layer: int):
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        # vLLM blocks return (hidden_states, residual) with the stream = their sum, or the
+        # stream itself (GPT-2): adding to the first tensor adds to the residual stream.
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        torch.ops.vsteer.add_steering_(hidden, layer)
+        return output
+    return hook
+
+
+class WorkerSteering:
+    """Per-worker steering state: hooks, tables, resolver and a per-request cache."""
+
+    def __init__(self, runner: Any):
+        model = runner.get_model()
+        blocks = find_vllm_decoder_layers(model)
+        layers = _selected_layers(blocks)
+        mc = runner.model_config
+        self.hidden_size = mc.get_hidden_size()
+        self.num_layers = mc.get_total_num_hidden_layers()
+        self.tables = SteeringTables(layers, self.hidden_size, max_configs=runner.max_num_reqs,
+                                     max_tokens=runner.max_num_tokens, dtype=runner.dtype, device=runner.device)
+        self.resolver = SteeringResolver(VectorRegistry.from_env(), hidden_size=self.hidden_size,
+                                         num_layers=self.num_layers)
+        self._requests: dict[str, tuple[ResolvedSteering, int] | None] = {}
+        self.stats = {"steps": 0, "steered_steps": 0, "steered_tokens": 0, "build_seconds": 0.0,
+                      "configs_per_step": [], "resolve_failures": 0}
+        for layer in layers:
+            blocks[layer].register_forward_hook(_make_hook(layer))
+        ops.set_tables(self.tables)
+        logger.info("vsteer: steering hooks on %d decoder layers (%s), table %s", len(layers),
+                    f"{layers[0]}..{layers[-1]}" if layers else "none", tuple(self.tables.tables.shape))
+
+    def _lookup(self, req_id: str, request_state: Any) -> tuple[ResolvedSteering, int] | None:
+        if req_id in self._requests:
+            return self._requests[req_id]
+        entry = None
+        params = getattr(request_state, "sampling_params", None)
+        spec = (getattr(params, "extra_args", None) or {}).get("steering")
+        if spec:
+            try:
+                resolved = self.resolver.resolve(spec)
+                if resolved is not None:
+                    entry = (resolved, POSITION_CODES[resolved.positions])
+            except (SteeringError, OSError) as e:  # validated by the front-end; vector gone since?
+                self.stats["resolve_failures"] += 1
+                logger.error("vsteer: request %s runs unsteered: %s", req_id, e)
+        self._requests[req_id] = entry
+        return entry
+
+    def step(self, runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> None:
+        """Fill rows/tables for this step; called right after ``_prepare_inputs``."""
+        t0 = time.perf_counter()
+        for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+            self._requests.pop(req_id, None)
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        req_rows = np.zeros(num_reqs, dtype=np.int64)
+        req_modes = np.zeros(num_reqs, dtype=np.int64)
+        configs: dict[str, ResolvedSteering] = {}
+        slots: list[tuple[int, str]] = []
+        for i, req_id in enumerate(req_ids):
+            entry = self._lookup(req_id, runner.requests.get(req_id))
+            if entry is not None:
+                resolved, mode = entry
+                configs[resolved.fingerprint] = resolved
+                req_modes[i] = mode
+                slots.append((i, resolved.fingerprint))
+        self.stats["steps"] += 1
+        if not configs:
+            self.tables.clear()
+            return
+        row_of = self.tables.assign_rows(configs)
+        for i, fp in slots:
+            req_rows[i] = row_of[fp]
+        steered = self.tables.set_token_rows(
+            np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64),
+            batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64),
+            batch.num_prompt_tokens[:num_reqs].astype(np.int64), req_rows, req_modes)
+        self.stats["steered_steps"] += 1
+        self.stats["steered_tokens"] += steered
+        self.stats["configs_per_step"].append(len(configs))
+        if len(self.stats["configs_per_step"]) > 10000:
+            del self.stats["configs_per_step"][:5000]
+        self.stats["build_seconds"] += time.perf_counter() - t0
+
+
+def patch_worker() -> None:
+    """Install the worker-side patches (idempotent). Runs in every process at plugin load."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from .compat import check_runner
+
+    if getattr(Worker.load_model, "_vsteer", False):
+        return
+    orig_load, orig_prepare, orig_dummy = Worker.load_model, GPUModelRunner._prepare_inputs, GPUModelRunner._dummy_run
+
+    def load_model(self, *args, **kwargs):
+        out = orig_load(self, *args, **kwargs)
+        check_runner(self.model_runner, getattr(self, "parallel_config", None))
+        self.model_runner._vsteer = WorkerSteering(self.model_runner)
+        return out
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        out = orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        state = getattr(self, "_vsteer", None)
+        if state is not None:
+            state.step(self, scheduler_output, num_scheduled_tokens)
+        return out
+
+    def _dummy_run(self, *args, **kwargs):
+        state = getattr(self, "_vsteer", None)
+        if state is not None:  # profile/warm-up/capture runs carry no requests
+            state.tables.clear()
+        return orig_dummy(self, *args, **kwargs)
+
+    def vsteer_stats(self) -> dict[str, Any]:
+        """collective_rpc target: this worker's steering counters (for /metrics)."""
+        state = getattr(self.model_runner, "_vsteer", None)
+        if state is None:
+            return {}
+        stats = dict(state.stats)
+        state.stats["configs_per_step"] = []
+        return stats
+
+    load_model._vsteer = True  # type: ignore[attr-defined]
+    Worker.load_model = load_model
+    Worker.vsteer_stats = vsteer_stats
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._dummy_run = _dummy_run
+
+
+def patch_compile_cache_key() -> None:
+    """vLLM's AOT compile cache key ignores plugins: add ours, so a graph compiled without
+    the steering op is never loaded into a process that needs it (and vice versa)."""
+    from vllm.compilation import caching
+
+    if getattr(caching.aot_compile_hash_factors, "_vsteer", False):
+        return
+    orig = caching.aot_compile_hash_factors
+
+    def aot_compile_hash_factors(vllm_config):
+        from vsteer.serving import __version__
+
+        return list(orig(vllm_config)) + [f"vsteer={__version__};layers={os.environ.get(LAYERS_ENV, 'all')}"]
+
+    aot_compile_hash_factors._vsteer = True  # type: ignore[attr-defined]
+    caching.aot_compile_hash_factors = aot_compile_hash_factors
