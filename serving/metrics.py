@@ -1,0 +1,229 @@
+"""Prometheus metrics for steering, exported on vLLM's own ``/metrics``.
+
+Front-end numbers (requests, vectors, rejections, registry) are recorded where they
+happen, in the API server process. Worker numbers (steered tokens, configs per step,
+table build time) live in the worker processes: the server pulls them with
+``engine_client.collective_rpc("vsteer_stats")`` when ``/metrics`` is scraped (and every
+``VSTEER_METRICS_REFRESH_S`` seconds in the background), and turns the cumulative worker
+counters into monotonic Prometheus counters by adding the increase since the last pull.
+
+All metrics live in prometheus_client's default registry, which vLLM serves at
+``/metrics`` (with ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client writes them to the
+multiprocess directory that vLLM aggregates). docs/server.md lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+logger = logging.getLogger("vsteer")
+
+INLINE_LABEL = "inline"
+CONFIG_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+
+REQUESTS = Counter("vsteer_requests", "Generation requests that reached the engine, by whether steering was "
+                   "applied (steered=\"true\"/\"false\")", ["steered"])
+VECTOR_REQUESTS = Counter("vsteer_vector_requests", "Steered requests per vector: the registry name, or "
+                          "\"inline\" for vectors sent as inline data", ["vector"])
+REJECTIONS = Counter("vsteer_rejected_requests", "Requests refused (HTTP 400) for invalid steering, by reason",
+                     ["reason"])
+STEERED_TOKENS = Counter("vsteer_steered_tokens", "Tokens that had a steering vector added (workers, TP rank 0)")
+STEPS = Counter("vsteer_steps", "Scheduler steps run by the model (workers, TP rank 0)")
+STEERED_STEPS = Counter("vsteer_steered_steps", "Scheduler steps with at least one steered request "
+                        "(workers, TP rank 0)")
+STEP_CONFIGS = Histogram("vsteer_step_configs", "Distinct steering configs in one steered scheduler step "
+                         "(workers, TP rank 0)", buckets=CONFIG_BUCKETS)
+TABLE_BUILD_SECONDS = Counter("vsteer_table_build_seconds", "Time workers spent building the per-step "
+                              "steering tables (TP rank 0)")
+WORKER_RESOLVE_FAILURES = Counter("vsteer_worker_resolve_failures", "Requests a worker ran unsteered because "
+                                  "it could not resolve their steering (e.g. the vector was deleted meanwhile)")
+REGISTRY_VECTORS = Gauge("vsteer_registry_vectors", "Vector sets in the registry directory",
+                         multiprocess_mode="livemostrecent")
+REGISTRY_LOADS = Counter("vsteer_registry_loads", "Vector sets added to the registry through "
+                         "POST /v1/steering/vectors, by source (path/upload)", ["source"])
+REGISTRY_REMOVALS = Counter("vsteer_registry_removals", "Vector sets removed through "
+                            "DELETE /v1/steering/vectors/{name}")
+STATS_PULL_FAILURES = Counter("vsteer_worker_stats_pull_failures", "Failed pulls of the workers' steering "
+                              "counters (collective_rpc vsteer_stats)")
+
+for _label in ("true", "false"):
+    REQUESTS.labels(steered=_label)
+for _source in ("path", "upload"):
+    REGISTRY_LOADS.labels(source=_source)
+
+_registry_lock = threading.Lock()
+_registry: Any = None
+
+
+def _registry_from_env() -> Any:
+    global _registry
+    from vsteer.engine.registry import VECTORS_DIR_ENV, VectorRegistry
+
+    root = os.environ.get(VECTORS_DIR_ENV)
+    with _registry_lock:
+        if root and (_registry is None or str(_registry.root) != str(os.path.realpath(root))):
+            try:
+                _registry = VectorRegistry(root)
+            except (OSError, ValueError):
+                _registry = None
+        elif not root:
+            _registry = None
+        return _registry
+
+
+# -- front-end recording (called by vsteer.serving.frontend and the HTTP layer) ---------------
+
+def record_rejection(reason: str) -> None:
+    REJECTIONS.labels(reason=reason or "invalid").inc()
+
+
+def _vector_label(name: str, sha256: str) -> str:
+    """The registry name when the applied vector is that registry entry, else "inline"
+    (inline names are free text chosen by clients: never a label)."""
+    reg = _registry_from_env()
+    if reg is None:
+        return INLINE_LABEL
+    try:
+        if reg.metadata(name).get("sha256") == sha256:
+            return name
+    except Exception:  # unknown, removed or unreadable since: not a registry vector now
+        pass
+    return INLINE_LABEL
+
+
+def record_request(resolved: Any) -> None:
+    """A steered request reached the engine (after validation)."""
+    REQUESTS.labels(steered="true").inc()
+    labels = {_vector_label(v["name"], v.get("sha256", "")) for v in getattr(resolved, "applied", []) or []}
+    for label in sorted(labels):
+        VECTOR_REQUESTS.labels(vector=label).inc()
+
+
+def record_unsteered() -> None:
+    REQUESTS.labels(steered="false").inc()
+
+
+def record_registry_load(source: str) -> None:
+    REGISTRY_LOADS.labels(source=source).inc()
+
+
+def record_registry_removal() -> None:
+    REGISTRY_REMOVALS.inc()
+
+
+def update_registry_size() -> None:
+    reg = _registry_from_env()
+    try:
+        REGISTRY_VECTORS.set(len(reg.names()) if reg is not None else 0)
+    except OSError:
+        pass
+
+
+def patch_request_counter() -> None:
+    """Count unsteered requests too: wrap ``InputProcessor.process_inputs`` (on top of the
+    front-end patch, which records steered ones) in the processes that build requests."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    current = InputProcessor.process_inputs
+    if getattr(current, "_vsteer_counter", False):
+        return
+
+    def process_inputs(self, *args, **kwargs):
+        request = current(self, *args, **kwargs)
+        sp = getattr(request, "sampling_params", None)
+        if sp is not None and not (sp.extra_args and "vsteer" in sp.extra_args):
+            record_unsteered()
+        return request
+
+    process_inputs._vsteer = True  # type: ignore[attr-defined]  # keeps patch_input_processor idempotent
+    process_inputs._vsteer_counter = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs
+
+
+# -- worker counters ------------------------------------------------------------------------------
+
+_CUMULATIVE = {"steps": STEPS, "steered_steps": STEERED_STEPS, "steered_tokens": STEERED_TOKENS,
+               "build_seconds": TABLE_BUILD_SECONDS, "resolve_failures": WORKER_RESOLVE_FAILURES}
+
+
+class WorkerStatsPuller:
+    """Turns the workers' cumulative counters into Prometheus increments.
+
+    ``vsteer_stats`` returns cumulative counts (and the configs-per-step samples since the
+    previous call). We add ``now - last`` to each counter; a value that went down means the
+    worker restarted, and then the whole new value is the increase. One pull at a time.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock: asyncio.Lock | None = None
+        self._task: asyncio.Task | None = None
+        self.last_pull: float = 0.0
+
+    def apply(self, stats: dict[str, Any]) -> None:
+        for key, counter in _CUMULATIVE.items():
+            if key not in stats:
+                continue
+            value = float(stats[key] or 0)
+            prev = self._last.get(key, 0.0)
+            delta = value - prev if value >= prev else value
+            if delta > 0:
+                counter.inc(delta)
+            self._last[key] = value
+        for n in stats.get("configs_per_step") or ():
+            STEP_CONFIGS.observe(n)
+
+    async def refresh(self, engine_client: Any, timeout: float = 10.0) -> bool:
+        if engine_client is None:
+            return False
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            try:
+                if getattr(engine_client, "errored", False):
+                    return False
+                results = await asyncio.wait_for(engine_client.collective_rpc("vsteer_stats"), timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # engine busy/dead: keep the last values, count the miss
+                STATS_PULL_FAILURES.inc()
+                logger.debug("vsteer: worker stats pull failed: %s", e)
+                return False
+            stats = results[0] if isinstance(results, (list, tuple)) and results else results
+            if isinstance(stats, dict):
+                self.apply(stats)
+            self.last_pull = time.monotonic()
+            return True
+
+    def start_background(self, engine_client: Any, interval: float) -> None:
+        """Pull every ``interval`` seconds too, so configs-per-step samples are not trimmed
+        by the worker between rare scrapes. Idempotent; needs a running loop."""
+        if interval <= 0 or (self._task is not None and not self._task.done()):
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if getattr(engine_client, "errored", False):
+                    return
+                if time.monotonic() - self.last_pull >= interval / 2:
+                    await self.refresh(engine_client)
+
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+
+PULLER = WorkerStatsPuller()
+
+
+def refresh_interval() -> float:
+    try:
+        return float(os.environ.get("VSTEER_METRICS_REFRESH_S", "30"))
+    except ValueError:
+        return 30.0
