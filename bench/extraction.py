@@ -1,0 +1,154 @@
+"""Extraction throughput: ``extract_caa`` over all layers vs a plain HF forward pass over
+the same batches, and vs a one-layer-per-pass loop like the seed's (rotalabs-steer ran
+every text once per layer).
+
+Throughput = real (unpadded) tokens of the contrast-pair texts / seconds to get the
+vectors of every layer. The cases alternate within each round (rotated order); ratios
+are medians of per-round ratios.
+
+* ``extract_caa``: vsteer, one pass per batch, hooks on every layer, stops after the
+  deepest requested block (so it skips the final norm and LM head);
+* ``forward``: ``model(**batch)`` with logits, nothing captured (the target: >= 0.9x);
+* ``forward_hidden_states``: the same with ``output_hidden_states=True`` (what many
+  libraries read activations from);
+* ``per_layer_loop``: for each layer, every batch again, full forward with one hook.
+
+    python bench/extraction.py                        # SmolLM2, bundled sentiment pairs
+    python bench/extraction.py --model tiny-llama --reps 1 --pairs-limit 16   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+NAME = "extraction"
+TARGET_VS_FORWARD = 0.9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=C.DEFAULT_MODEL)
+    p.add_argument("--pairs", default="sentiment", help="bundled pair set or file (default: %(default)s)")
+    p.add_argument("--pairs-limit", type=int, default=None, help="use the first N pairs")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x texts)")
+    p.add_argument("--token-position", default="last", choices=["last", "first", "mean"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-loop", action="store_true", help="skip the slow per-layer loop")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", help="result JSON (default: bench/out/extraction.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from vsteer.engine.layers import num_decoder_layers
+    from vsteer.engine.models import load_hf
+    from vsteer.extract import extract_caa, load_pairs
+    from vsteer.extract.hooks import ActivationHook
+    from vsteer.extract.methods import LayerStats
+    from vsteer.extract.runner import encode, ensure_pad_token, position_ids_from_mask
+
+    path = C.resolve_model(args.model)
+    model, tok = load_hf(path, dtype=args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    ensure_pad_token(tok)
+    pairs = load_pairs(args.pairs)
+    if args.pairs_limit:
+        pairs = pairs[: args.pairs_limit]
+    num_layers = num_decoder_layers(model)
+    layers = list(range(num_layers))
+
+    batches = []
+    for start in range(0, len(pairs), args.batch_size):
+        chunk = pairs[start:start + args.batch_size]
+        texts = [p.texts(tok)[0] for p in chunk] + [p.texts(tok)[1] for p in chunk]
+        inputs = encode(tok, texts, chat_template=False, device=torch.device(device))
+        inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+        batches.append((inputs, len(chunk)))
+    tokens = int(sum(int(b["attention_mask"].sum()) for b, _ in batches))
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def run_extract():
+        vs = extract_caa(model, tok, pairs, layers="all", batch_size=args.batch_size,
+                         token_position=args.token_position, progress=False)
+        assert len(vs) == num_layers
+
+    def run_forward(hidden_states: bool = False):
+        with torch.inference_mode():
+            for inputs, _ in batches:
+                model(**inputs, use_cache=False, output_hidden_states=hidden_states)
+
+    def run_loop():
+        # the seed's shape: one layer at a time, every batch again, full forward, one hook
+        for layer in layers:
+            stats = LayerStats()
+            got = {}
+            with ActivationHook(model, [layer], "residual", args.token_position,
+                                reduce=lambda _l, act: got.__setitem__("a", act)), torch.inference_mode():
+                for inputs, n in batches:
+                    model(**inputs, use_cache=False)
+                    stats.add(got["a"][:n], got["a"][n:])
+            stats.mean_difference  # noqa: B018  (the vector)
+
+    cases = {"extract_caa": run_extract, "forward": run_forward,
+             "forward_hidden_states": lambda: run_forward(True)}
+    if not args.no_loop:
+        cases["per_layer_loop"] = run_loop
+    C.log(f"{len(pairs)} pairs, {2 * len(pairs)} texts, {tokens} tokens, {len(batches)} batches, "
+          f"{num_layers} layers; warm-up")
+    run_forward()
+    run_extract()
+    rounds = []
+    for r in range(args.reps):
+        row = {}
+        for name in C.rotated(list(cases), r):
+            sync()
+            t = time.perf_counter()
+            cases[name]()
+            sync()
+            row[name] = tokens / (time.perf_counter() - t)
+        rounds.append(row)
+        C.log(f"round {r + 1}/{args.reps}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row.items()))
+
+    tps = {name: C.median([r[name] for r in rounds]) for name in cases}
+    ratio = {name: C.median([r["extract_caa"] / r[name] for r in rounds]) for name in cases}
+    rows = [[name, tps[name], C.median([r[name] / r["forward"] for r in rounds]),
+             ratio[name] if name != "extract_caa" else 1.0] for name in cases]
+    print()
+    print(C.table(["case", "tok/s", "vs forward", "extract_caa speedup over it"], rows))
+    vs_forward = C.median([r["extract_caa"] / r["forward"] for r in rounds])
+    checks = [{"target": f"extract_caa (all layers) / plain forward >= {TARGET_VS_FORWARD}", "value": vs_forward,
+               "met": vs_forward >= TARGET_VS_FORWARD}]
+    if "per_layer_loop" in cases:
+        checks.append({"target": "extract_caa / per-layer loop (informational)", "value": ratio["per_layer_loop"],
+                       "met": ratio["per_layer_loop"] > 1.0})
+    print()
+    for chk in checks:
+        print(f"  [{'met' if chk['met'] else 'NOT met'}] {chk['target']}: {chk['value']:.2f}")
+    C.write_result(NAME, {
+        "params": {"model": args.model, "model_path": path, "pairs": args.pairs, "n_pairs": len(pairs),
+                   "texts": 2 * len(pairs), "tokens": tokens, "batch_size": args.batch_size,
+                   "token_position": args.token_position, "layers": num_layers, "reps": args.reps,
+                   "dtype": args.dtype, "device": device, "torch_threads": torch.get_num_threads()},
+        "tok_s": tps, "extract_vs": ratio, "extract_vs_forward": vs_forward, "checks": checks,
+        "raw_rounds": rounds,
+        "notes": ["tokens = real tokens of all texts once; per_layer_loop needs num_layers passes for the same "
+                  "output", "ratios: median over rounds of per-round ratios"],
+    }, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
