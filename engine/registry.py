@@ -14,7 +14,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .formats import METADATA_FILE, VectorFileError, load_vector_set, read_metadata, save_vector_set
+from .formats import (
+    METADATA_FILE,
+    VectorFileError,
+    content_sha256,
+    load_vector_set,
+    read_metadata,
+    save_vector_set,
+)
 from .vectors import SteeringVectorSet
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -94,6 +101,16 @@ class VectorRegistry:
     def load(self, name: str, *, expect_hidden_size: int | None = None,
              expect_num_layers: int | None = None) -> SteeringVectorSet:
         """Load (and verify) a named set; cached by content hash, so a replaced file is re-read."""
+        return self.load_with_hash(name, expect_hidden_size=expect_hidden_size,
+                                   expect_num_layers=expect_num_layers)[0]
+
+    def load_with_hash(self, name: str, *, expect_hidden_size: int | None = None,
+                       expect_num_layers: int | None = None) -> tuple[SteeringVectorSet, str]:
+        """The set and the sha256 of exactly the tensors returned.
+
+        The hash comes from what was loaded, never from a second read of the metadata: a
+        set overwritten between two reads must not pair old tensors with the new hash
+        (fingerprints, and the prefix-cache namespaces derived from them, rely on it)."""
         meta = self.metadata(name)
         key = (name, meta["sha256"])
         with self._lock:
@@ -101,13 +118,14 @@ class VectorRegistry:
         if cached is None:
             cached = load_vector_set(self.path_for(name), expect_hidden_size=expect_hidden_size,
                                      expect_num_layers=expect_num_layers)
+            key = (name, content_sha256(cached.vectors))  # the file may have changed since ``meta``
             with self._lock:
                 self._set_cache = {k: v for k, v in self._set_cache.items() if k[0] != name}
                 self._set_cache[key] = cached
         elif expect_hidden_size is not None and cached.hidden_size != expect_hidden_size:
             raise VectorFileError(f"{name}: hidden size {cached.hidden_size} does not match the model's "
                                   f"{expect_hidden_size}")
-        return cached
+        return cached, key[1]
 
     def add(self, name: str, vs: SteeringVectorSet, *, overwrite: bool = False) -> Path:
         path = self.path_for(name)

@@ -218,7 +218,7 @@ class SteeringResolver:
         if missing:
             raise SteeringError(f"vector {ref.name!r} has no layers {missing}; it has {sorted(tensors)}",
                                 field=f"{where}.layers", reason="unknown_layer")
-        outside = [layer for layer in layers if layer >= self.num_layers]
+        outside = [layer for layer in layers if not 0 <= layer < self.num_layers]
         if outside:
             raise SteeringError(f"layers {outside} are outside the model's 0..{self.num_layers - 1}",
                                 field=f"{where}.layers", reason="layer_out_of_range")
@@ -231,7 +231,7 @@ class SteeringResolver:
                                 "(start with --vectors DIR or VSTEER_VECTORS_DIR)", field=f"{where}.name",
                                 reason="no_registry")
         try:
-            vs = self.registry.load(name, expect_hidden_size=self.hidden_size)
+            vs, sha = self.registry.load_with_hash(name, expect_hidden_size=self.hidden_size)
         except UnknownVectorError as e:
             raise SteeringError(str(e), field=f"{where}.name", reason="unknown_vector") from None
         except VectorFileError as e:
@@ -239,5 +239,4 @@ class SteeringResolver:
             raise SteeringError(str(e), field=f"{where}.name", reason=reason) from None
         except ValueError as e:
             raise SteeringError(str(e), field=f"{where}.name", reason="invalid_name") from None
-        meta = self.registry.metadata(name)
-        return vs.vectors, meta["sha256"]
+        return vs.vectors, sha

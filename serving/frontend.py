@@ -20,6 +20,7 @@ from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
 
 logger = logging.getLogger("vsteer")
 STEERING_KEY = "steering"
+SALT_PREFIX = "vsteer-"  # cache salts of steered requests; no client salt may start with it
 # Rules whose token set depends on where the prompt ends: their KV may only be shared by
 # requests with the same prompt length, or a later turn would reuse steered "generated"
 # KV as its unsteered prompt.
@@ -78,13 +79,27 @@ def validate(spec: Any, vllm_config: Any) -> ResolvedSteering | None:
         raise InvalidSteering(e) from None
 
 
-def cache_salt(user_salt: str | None, resolved: ResolvedSteering, prompt_len: int) -> str:
+def cache_salt(client_salt: str | None, resolved: ResolvedSteering, prompt_len: int) -> str:
     """A salt that separates steered KV by fingerprint (and prompt length where the rule
     depends on it); within vLLM's 128-character salt rules."""
-    key = f"{user_salt or ''}\0{resolved.fingerprint}"
+    key = f"{client_salt or ''}\0{resolved.fingerprint}"
     if resolved.positions in _PROMPT_RELATIVE:
         key += f"\0{prompt_len}"
-    return "vsteer-" + hashlib.sha256(key.encode()).hexdigest()[:48]
+    return SALT_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:48]
+
+
+def user_salt(salt: str | None) -> str | None:
+    """An unsteered request's own salt, moved out of vsteer's namespace: fingerprints are
+    public (response headers), so a client could otherwise send ``vsteer-<hash>`` and
+    plant unsteered KV where steered requests will read it."""
+    if salt is None or not salt.startswith(SALT_PREFIX):
+        return salt
+    return "user-" + hashlib.sha256(salt.encode()).hexdigest()[:48]
+
+
+def _unsteered(request: Any) -> Any:
+    request.cache_salt = user_salt(request.cache_salt)
+    return request
 
 
 def patch_input_processor() -> None:
@@ -97,14 +112,14 @@ def patch_input_processor() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         extra = getattr(params, "extra_args", None)
         if not extra or STEERING_KEY not in extra:
-            return orig(self, request_id, prompt, params, *args, **kwargs)
+            return _unsteered(orig(self, request_id, prompt, params, *args, **kwargs))
         resolved = validate(extra[STEERING_KEY], self.vllm_config)
         request = orig(self, request_id, prompt, params, *args, **kwargs)
         sp = request.sampling_params
         rest = {k: v for k, v in (sp.extra_args or {}).items() if k != STEERING_KEY}
         if resolved is None:  # null / no vectors: exactly an unsteered request
             sp.extra_args = rest or None
-            return request
+            return _unsteered(request)
         # A new dict: the caller's params (shared across prompts in LLM.generate) stay untouched.
         sp.extra_args = {**rest, STEERING_KEY: _canonical(extra[STEERING_KEY]),
                          "vsteer": {"fingerprint": resolved.fingerprint}}

@@ -63,7 +63,8 @@ class SteeringTables:
 
     # -- configs -> table rows -------------------------------------------------------
     def _dense_for(self, resolved: ResolvedSteering) -> tuple[torch.Tensor, list[int]]:
-        """[slots, hidden] in the model's dtype (zeros where the config does not steer)."""
+        """[slots, hidden] on the host (zeros where the config does not steer). Kept off the
+        device: vLLM sized its KV cache before these exist; only table rows live there."""
         hit = self._dense.get(resolved.fingerprint)
         if hit is None:
             dense = torch.zeros(len(self.layers), self.hidden_size, dtype=torch.float32)
@@ -73,7 +74,7 @@ class SteeringTables:
                 if slot is not None:  # layers of another pipeline stage are steered there
                     dense[slot] = vec
                     slots.append(slot)
-            hit = (dense.to(device=self.device, dtype=self.dtype), slots)
+            hit = (dense.to(dtype=self.dtype), slots)
             self._dense[resolved.fingerprint] = hit
             if len(self._dense) > 4 * self.max_configs:
                 self._dense.popitem(last=False)

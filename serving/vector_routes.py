@@ -194,12 +194,13 @@ def _add_vector(body: dict[str, Any], st: SteeringState) -> tuple[int, dict[str,
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_vector(name: str) -> dict[str, Any]:
+def _remove_vector(name: str, st: SteeringState) -> dict[str, Any]:
     reg = registry()
     if reg is None:
         raise AdminError(409, "no vector directory is configured (start with --vectors DIR)", "ConflictError")
     try:
-        reg.remove(name)
+        with st.write_lock:  # never while an overwrite of the same set is half written
+            reg.remove(name)
     except UnknownVectorError as e:
         raise AdminError(404, str(e), "NotFoundError", "name") from None
     except ValueError as e:
@@ -223,6 +224,21 @@ def _admin_denied(request: Request) -> JSONResponse | None:
                       "KEY (or VSTEER_ADMIN_KEY, or vLLM's --api-key)", "PermissionDeniedError")
     return _error(401, "this route needs the steering admin key: Authorization: Bearer <key>",
                   "AuthenticationError")
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` (checked while reading: a chunked
+    upload without Content-Length is never held whole in memory)."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        return None
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 router = APIRouter()
@@ -249,11 +265,8 @@ async def add_vector(request: Request):
     if denied is not None:
         return denied
     st = _state(request)
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > st.config.max_upload_bytes:
-        return _error(413, f"request body over {st.config.max_upload_bytes} bytes", "RequestTooLargeError")
-    raw = await request.body()
-    if len(raw) > st.config.max_upload_bytes:
+    raw = await _bounded_body(request, st.config.max_upload_bytes)
+    if raw is None:
         return _error(413, f"request body over {st.config.max_upload_bytes} bytes", "RequestTooLargeError")
     try:
         body = json.loads(raw)
@@ -275,7 +288,7 @@ async def delete_vector(name: str, request: Request):
     if denied is not None:
         return denied
     try:
-        out = await asyncio.to_thread(_remove_vector, name)
+        out = await asyncio.to_thread(_remove_vector, name, _state(request))
     except AdminError as e:
         return _error(e.status, e.message, e.err_type, e.param)
     metrics.update_registry_size()

@@ -121,6 +121,11 @@ class WorkerSteering:
         t0 = time.perf_counter()
         for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
             self._requests.pop(req_id, None)
+        # vLLM skips _prepare_inputs on steps that schedule no tokens, so the finished ids
+        # of such a step never reach us: drop whatever the runner no longer holds.
+        if len(self._requests) > len(runner.requests):
+            for req_id in [r for r in self._requests if r not in runner.requests]:
+                del self._requests[req_id]
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         req_ids = batch.req_ids[:num_reqs]

@@ -1,5 +1,5 @@
-"""The front-end's resolver cache follows the vector directory: a process that starts a
-second engine on another directory validates against the new vectors, not the old."""
+"""Front-end pieces that need no engine: the resolver cache follows the vector directory,
+and client cache salts can never enter the steered namespace."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from vsteer.engine import SteeringError, SteeringVectorSet, VectorRegistry
 from vsteer.serving import set_vectors_dir
-from vsteer.serving.frontend import resolver_for
+from vsteer.serving.frontend import SALT_PREFIX, cache_salt, resolver_for, user_salt
 
 
 def test_resolver_cache_is_keyed_by_vector_directory(tmp_path, monkeypatch):
@@ -24,3 +24,18 @@ def test_resolver_cache_is_keyed_by_vector_directory(tmp_path, monkeypatch):
     assert resolver_for(128, 4).resolve({"vectors": [{"name": "b"}]}) is not None
     with pytest.raises(SteeringError, match="unknown steering vector 'a'"):
         resolver_for(128, 4).resolve({"vectors": [{"name": "a"}]})
+
+
+def test_client_salts_cannot_enter_the_steered_namespace(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSTEER_VECTORS_DIR", "")  # restored after the test
+    VectorRegistry(tmp_path).add("a", SteeringVectorSet("a", {1: torch.ones(128)}))
+    set_vectors_dir(tmp_path)
+    resolved = resolver_for(128, 4).resolve({"vectors": [{"name": "a"}]})
+    steered = cache_salt(None, resolved, 10)
+    assert steered.startswith(SALT_PREFIX)
+    assert user_salt(steered) != steered and not user_salt(steered).startswith(SALT_PREFIX)
+    assert user_salt("my-tenant") == "my-tenant" and user_salt(None) is None
+    # prompt-relative rules also separate by prompt length; "all" does not
+    generated = resolver_for(128, 4).resolve({"vectors": [{"name": "a"}], "positions": "generated"})
+    assert cache_salt(None, generated, 10) != cache_salt(None, generated, 11)
+    assert cache_salt(None, resolved, 10) == cache_salt(None, resolved, 11)

@@ -27,6 +27,7 @@ from reference import hf_reference
 from vsteer.engine import SteeringResolver, SteeringVectorSet, VectorRegistry, encode_inline
 from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE
 
+UPLOAD_LIMIT = 1 << 20  # the server under test refuses admin bodies over 1 MiB
 ADMIN_KEY = "test-admin-key"
 MODEL = "smollm2-135m-instruct"
 HIDDEN, LAYERS = 576, 30
@@ -201,7 +202,7 @@ def server(tmp_path_factory, smollm2_path):
     log = root / "server.log"
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VSTEER_METRICS_REFRESH_S": "3"}
+           "VSTEER_METRICS_REFRESH_S": "3", "VSTEER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
     cmd = [sys.executable, "-m", "vsteer.engine.cli", "serve", MODEL, "--vectors", str(vectors),
            "--steering-admin-key", ADMIN_KEY, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
            "--gpu-memory-utilization", "0.3", "--max-model-len", "1024", "--dtype", "float32", "--seed", "0",
@@ -538,6 +539,14 @@ def test_vector_registry_routes(server, ref, tmp_path):
     r = httpx.post(url, json=dict(body, name="../evil"), headers=_admin(), timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
     assert not (server.vectors.parent / "evil").exists()
+    # oversized bodies: refused while reading, with or without Content-Length
+    big = b'{"name": "big", "safetensors": "' + b"A" * (UPLOAD_LIMIT + 1) + b'"}'
+    json_admin = {**_admin(), "content-type": "application/json"}
+    r = httpx.post(url, content=big, headers=json_admin, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLargeError", r.text
+    chunked = iter([big[i:i + (1 << 16)] for i in range(0, len(big), 1 << 16)])
+    assert httpx.post(url, content=chunked, headers=json_admin, timeout=60).status_code == 413
+    assert not (server.vectors / "big").exists()
 
     # load by path from inside the vectors directory
     r = httpx.post(url, json={"path": "incoming/calm"}, headers=_admin(), timeout=60)

@@ -87,6 +87,23 @@ def test_inline_vectors(resolver):
         == "non_finite_vector"
     huge = {"vectors": [{"name": "mine", "data": {"2": "A" * (3 << 20)}}]}
     assert _err(resolver, huge).reason == "inline_too_large"
+    negative = {"vectors": [{"name": "mine", "data": {"-1": encode_inline(v)}}]}
+    assert _err(resolver, negative).reason == "layer_out_of_range"
+
+
+def test_fingerprint_follows_the_loaded_content(tmp_path):
+    """An overwritten set gets a new fingerprint, and the hash always describes the
+    tensors actually returned (never a second, newer read of the metadata)."""
+    from vsteer.engine.formats import content_sha256
+
+    reg = VectorRegistry(tmp_path)
+    reg.add("v", SteeringVectorSet("v", {1: torch.ones(H)}))
+    first = SteeringResolver(reg, hidden_size=H, num_layers=L).resolve({"vectors": [{"name": "v"}]})
+    reg.add("v", SteeringVectorSet("v", {1: 2 * torch.ones(H)}), overwrite=True)
+    vs, sha = reg.load_with_hash("v")
+    assert sha == content_sha256(vs.vectors) and torch.equal(vs.vectors[1], 2 * torch.ones(H))
+    second = SteeringResolver(reg, hidden_size=H, num_layers=L).resolve({"vectors": [{"name": "v"}]})
+    assert second.fingerprint != first.fingerprint and torch.equal(second.layer_vectors[1], 2 * torch.ones(H))
 
 
 def test_spec_parse_rejects_non_object():
