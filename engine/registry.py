@@ -3,6 +3,12 @@
 The registry is what per-request steering names resolve against, in the vLLM front-end,
 in every worker and in the server's admin routes. Names are plain identifiers; a name
 can never reach outside the root (no separators, no ``..``, symlinks resolved and checked).
+
+A request is validated by the front-end and applied later by every worker, each reading
+the registry itself. So that all of them apply the same content even when a set is
+overwritten or deleted in between, the front-end pins each name to the content hash it
+validated, and the registry keeps the content it replaces or removes for a while under
+``<root>/.versions/<name>/<sha256>/`` (``VSTEER_VERSION_RETAIN_SECONDS``, default one hour).
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .formats import (
     METADATA_FILE,
     VectorFileError,
+    check_compatible,
     content_sha256,
     load_vector_set,
     read_metadata,
@@ -27,6 +35,9 @@ from .vectors import SteeringVectorSet
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 VECTORS_DIR_ENV = "VSTEER_VECTORS_DIR"
+VERSIONS_DIR = ".versions"  # never a valid name: names start with a letter or digit
+RETAIN_ENV = "VSTEER_VERSION_RETAIN_SECONDS"
+_CACHED_VERSIONS_PER_NAME = 4
 
 
 class UnknownVectorError(KeyError):
@@ -41,6 +52,10 @@ class UnknownVectorError(KeyError):
         return f"unknown steering vector {self.name!r}; known vectors: {shown}"
 
 
+class VersionGoneError(VectorFileError):
+    """A pinned version of a set is neither current nor kept any more."""
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise ValueError(f"invalid vector name {name!r}: use letters, digits, '_', '-' and '.', "
@@ -51,11 +66,13 @@ def check_name(name: str) -> str:
 class VectorRegistry:
     """Named vector sets under one root directory, with a small content-addressed cache."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, retain_seconds: float | None = None):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"vector directory {self.root} does not exist")
+        self.retain_seconds = float(os.environ.get(RETAIN_ENV, 3600) if retain_seconds is None else retain_seconds)
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._meta_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._set_cache: dict[tuple[str, str], SteeringVectorSet] = {}
 
@@ -105,37 +122,115 @@ class VectorRegistry:
                                    expect_num_layers=expect_num_layers)[0]
 
     def load_with_hash(self, name: str, *, expect_hidden_size: int | None = None,
-                       expect_num_layers: int | None = None) -> tuple[SteeringVectorSet, str]:
+                       expect_num_layers: int | None = None,
+                       sha256: str | None = None) -> tuple[SteeringVectorSet, str]:
         """The set and the sha256 of exactly the tensors returned.
 
         The hash comes from what was loaded, never from a second read of the metadata: a
         set overwritten between two reads must not pair old tensors with the new hash
-        (fingerprints, and the prefix-cache namespaces derived from them, rely on it)."""
-        meta = self.metadata(name)
-        key = (name, meta["sha256"])
+        (fingerprints, and the prefix-cache namespaces derived from them, rely on it).
+        With ``sha256`` the result is that exact content, current or kept from before an
+        overwrite or removal, or ``VersionGoneError``."""
+        if sha256 is not None:
+            vs = self._load_version(name, sha256)
+        else:
+            meta = self.metadata(name)
+            vs = self._cached(name, meta["sha256"])
+            if vs is None:
+                vs = load_vector_set(self.path_for(name))
+                sha = content_sha256(vs.vectors)  # the file may have changed since ``meta``
+                self._remember(name, sha, vs)
+                sha256 = sha
+            else:
+                sha256 = meta["sha256"]
+        shape = {"hidden_size": vs.hidden_size, "num_layers": vs.num_layers, "layers": vs.layers}
+        check_compatible(shape, name, expect_hidden_size=expect_hidden_size, expect_num_layers=expect_num_layers)
+        return vs, sha256
+
+    def _load_version(self, name: str, sha256: str) -> SteeringVectorSet:
+        vs = self._cached(name, sha256)
+        if vs is not None:
+            return vs
+        for path in (self.path_for(name), self._version_path(name, sha256)):
+            try:
+                if read_metadata(path)["sha256"] != sha256:
+                    continue
+                vs = load_vector_set(path)
+            except VectorFileError:  # absent, or replaced while we read it
+                continue
+            if content_sha256(vs.vectors) == sha256:
+                self._remember(name, sha256, vs)
+                return vs
+        if name not in self:
+            raise UnknownVectorError(name, self.names())
+        raise VersionGoneError(f"{name}: the version {sha256[:12]} this request was validated against has "
+                               f"been replaced and is no longer kept (kept for {self.retain_seconds:g} s)")
+
+    def _cached(self, name: str, sha256: str) -> SteeringVectorSet | None:
         with self._lock:
-            cached = self._set_cache.get(key)
-        if cached is None:
-            cached = load_vector_set(self.path_for(name), expect_hidden_size=expect_hidden_size,
-                                     expect_num_layers=expect_num_layers)
-            key = (name, content_sha256(cached.vectors))  # the file may have changed since ``meta``
-            with self._lock:
-                self._set_cache = {k: v for k, v in self._set_cache.items() if k[0] != name}
-                self._set_cache[key] = cached
-        elif expect_hidden_size is not None and cached.hidden_size != expect_hidden_size:
-            raise VectorFileError(f"{name}: hidden size {cached.hidden_size} does not match the model's "
-                                  f"{expect_hidden_size}")
-        return cached, key[1]
+            return self._set_cache.get((name, sha256))
+
+    def _remember(self, name: str, sha256: str, vs: SteeringVectorSet) -> None:
+        """Cache a few versions per name: in-flight requests may still pin an older one."""
+        with self._lock:
+            self._set_cache.pop((name, sha256), None)
+            self._set_cache[(name, sha256)] = vs
+            mine = [k for k in self._set_cache if k[0] == name]
+            for k in mine[:-_CACHED_VERSIONS_PER_NAME]:
+                del self._set_cache[k]
+
+    def _version_path(self, name: str, sha256: str) -> Path:
+        check_name(name)
+        if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
+            raise ValueError(f"invalid content hash {sha256!r}")
+        return self.root / VERSIONS_DIR / name / sha256
+
+    def _keep_current(self, name: str) -> None:
+        """Copy the current content of ``name`` to the versions area before it changes."""
+        path = self.path_for(name)
+        try:
+            sha = read_metadata(path)["sha256"]
+        except VectorFileError:
+            return
+        dest = self._version_path(name, sha)
+        if not dest.exists():
+            tmp = dest.with_name(f".{sha}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
+            os.replace(tmp, dest)
+        os.utime(dest)  # retention counts from when this version stopped being current
+
+    def prune_versions(self) -> int:
+        """Delete kept versions older than the retention time; returns how many."""
+        base = self.root / VERSIONS_DIR
+        if not base.is_dir():
+            return 0
+        cutoff, removed = time.time() - self.retain_seconds, 0
+        for version in base.glob("*/*"):
+            try:
+                if version.stat().st_mtime < cutoff:
+                    shutil.rmtree(version)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
     def add(self, name: str, vs: SteeringVectorSet, *, overwrite: bool = False) -> Path:
         path = self.path_for(name)
-        return save_vector_set(vs, path, overwrite=overwrite)
+        with self._write_lock:
+            if overwrite:
+                self._keep_current(name)
+            out = save_vector_set(vs, path, overwrite=overwrite)
+            self.prune_versions()
+        return out
 
     def remove(self, name: str) -> None:
         path = self.path_for(name)
-        if not (path / METADATA_FILE).is_file():
-            raise UnknownVectorError(name, self.names())
-        shutil.rmtree(path)
+        with self._write_lock:
+            if not (path / METADATA_FILE).is_file():
+                raise UnknownVectorError(name, self.names())
+            self._keep_current(name)
+            shutil.rmtree(path)
+            self.prune_versions()
         with self._lock:
             self._meta_cache.pop(name, None)
-            self._set_cache = {k: v for k, v in self._set_cache.items() if k[0] != name}

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .formats import VectorFileError
-from .registry import NAME_PATTERN, UnknownVectorError, VectorRegistry
+from .registry import NAME_PATTERN, UnknownVectorError, VectorRegistry, VersionGoneError
 
 Positions = Literal["all", "prompt", "generated", "first", "last"]
 POSITIONS: tuple[str, ...] = ("all", "prompt", "generated", "first", "last")
@@ -130,6 +130,9 @@ class ResolvedSteering:
     layer_vectors: dict[int, torch.Tensor]
     fingerprint: str
     applied: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    """Registry name -> content sha256 it resolved to: pass to ``resolve(..., versions=)``
+    elsewhere (the vLLM workers) to apply exactly this content even if the set changes."""
 
     @property
     def layers(self) -> list[int]:
@@ -174,12 +177,18 @@ class SteeringResolver:
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the server resolves from the event loop and a thread pool
 
-    def resolve(self, spec: SteeringSpec | dict[str, Any] | None) -> ResolvedSteering | None:
-        """None for no steering (absent, null or no vectors); raises ``SteeringError``."""
+    def resolve(self, spec: SteeringSpec | dict[str, Any] | None, *,
+                versions: dict[str, str] | None = None) -> ResolvedSteering | None:
+        """None for no steering (absent, null or no vectors); raises ``SteeringError``.
+
+        ``versions`` pins registry names to content hashes (from another resolver's
+        ``ResolvedSteering.versions``); a pinned version that is gone raises
+        ``SteeringError`` with reason ``vector_version_gone``."""
         spec = SteeringSpec.parse(spec)
         if spec is None or spec.is_empty:
             return None
-        entries = [self._entry(i, ref) for i, ref in enumerate(spec.vectors)]
+        versions = versions or {}
+        entries = [self._entry(i, ref, versions.get(ref.name)) for i, ref in enumerate(spec.vectors)]
         # A canonical order makes the fingerprint and the float sums independent of how the
         # request listed its vectors.
         entries.sort(key=lambda e: (e["name"], e["sha256"], e["layers"], e["strength"]))
@@ -197,14 +206,15 @@ class SteeringResolver:
                 contrib = e["tensors"][layer] * e["strength"]
                 sums[layer] = contrib if layer not in sums else sums[layer] + contrib
         resolved = ResolvedSteering(spec.positions, sums, fingerprint,
-                                    [{k: e[k] for k in ("name", "strength", "layers", "sha256")} for e in entries])
+                                    [{k: e[k] for k in ("name", "strength", "layers", "sha256")} for e in entries],
+                                    {e["name"]: e["sha256"] for e in entries if not e["inline"]})
         with self._lock:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[fingerprint] = resolved
         return resolved
 
-    def _entry(self, i: int, ref: VectorRef) -> dict[str, Any]:
+    def _entry(self, i: int, ref: VectorRef, pinned_sha: str | None) -> dict[str, Any]:
         where = f"steering.vectors[{i}]"
         if not math.isfinite(ref.strength):  # models built with model_construct skip validation
             raise SteeringError("strength must be finite", field=f"{where}.strength", reason="non_finite_strength")
@@ -212,7 +222,7 @@ class SteeringResolver:
             tensors = decode_inline(ref.data, self.hidden_size, where)
             sha = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))).hexdigest()
         else:
-            tensors, sha = self._from_registry(ref.name, where)
+            tensors, sha = self._from_registry(ref.name, where, pinned_sha)
         layers = ref.layers if ref.layers is not None else sorted(tensors)
         missing = [layer for layer in layers if layer not in tensors]
         if missing:
@@ -223,16 +233,20 @@ class SteeringResolver:
             raise SteeringError(f"layers {outside} are outside the model's 0..{self.num_layers - 1}",
                                 field=f"{where}.layers", reason="layer_out_of_range")
         return {"name": ref.name, "strength": float(ref.strength), "layers": list(layers), "sha256": sha,
-                "tensors": tensors}
+                "tensors": tensors, "inline": ref.data is not None}
 
-    def _from_registry(self, name: str, where: str) -> tuple[dict[int, torch.Tensor], str]:
+    def _from_registry(self, name: str, where: str,
+                       pinned_sha: str | None = None) -> tuple[dict[int, torch.Tensor], str]:
         if self.registry is None:
             raise SteeringError(f"no vector directory is configured, so {name!r} cannot be resolved "
                                 "(start with --vectors DIR or VSTEER_VECTORS_DIR)", field=f"{where}.name",
                                 reason="no_registry")
         try:
-            vs, sha = self.registry.load_with_hash(name, expect_hidden_size=self.hidden_size)
+            vs, sha = self.registry.load_with_hash(name, expect_hidden_size=self.hidden_size, sha256=pinned_sha)
         except UnknownVectorError as e:
+            raise SteeringError(str(e), field=f"{where}.name", reason="unknown_vector") from None
+        except VersionGoneError as e:
+            raise SteeringError(str(e), field=f"{where}.name", reason="vector_version_gone") from None
             raise SteeringError(str(e), field=f"{where}.name", reason="unknown_vector") from None
         except VectorFileError as e:
             reason = "wrong_hidden_size" if "hidden size" in str(e) else "bad_vector_file"

@@ -20,6 +20,7 @@ from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
 
 logger = logging.getLogger("vsteer")
 STEERING_KEY = "steering"
+PINS_KEY = "vsteer"  # extra_args entry the front-end sets for the workers; never trusted from clients
 SALT_PREFIX = "vsteer-"  # cache salts of steered requests; no client salt may start with it
 # Rules whose token set depends on where the prompt ends: their KV may only be shared by
 # requests with the same prompt length, or a later turn would reuse steered "generated"
@@ -121,10 +122,12 @@ def patch_input_processor() -> None:
             sp.extra_args = rest or None
             return _unsteered(request)
         # A new dict: the caller's params (shared across prompts in LLM.generate) stay untouched.
+        # Workers re-resolve by name: pinning each name to the content validated here makes
+        # every worker (and every tensor-parallel rank) apply exactly the fingerprinted
+        # vectors, even if the set is overwritten or deleted while the request waits.
         sp.extra_args = {**rest, STEERING_KEY: _canonical(extra[STEERING_KEY]),
-                         "vsteer": {"fingerprint": resolved.fingerprint}}
-        prompt_len = len(request.prompt_token_ids or []) if request.prompt_token_ids is not None else 0
-        request.cache_salt = cache_salt(request.cache_salt, resolved, prompt_len)
+                         PINS_KEY: {"fingerprint": resolved.fingerprint, "versions": resolved.versions}}
+        request.cache_salt = cache_salt(request.cache_salt, resolved, _prompt_len(request))
         from . import metrics
 
         metrics.record_request(resolved)
@@ -132,6 +135,14 @@ def patch_input_processor() -> None:
 
     process_inputs._vsteer = True  # type: ignore[attr-defined]
     InputProcessor.process_inputs = process_inputs
+
+
+def _prompt_len(request: Any) -> int:
+    """Prompt length in positions, for token prompts and prompt-embeds prompts alike."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    embeds = getattr(request, "prompt_embeds", None)
+    return int(embeds.shape[0]) if embeds is not None else 0
 
 
 def _canonical(spec: Any) -> dict[str, Any]:

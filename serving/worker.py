@@ -21,6 +21,7 @@ from vsteer.engine.registry import VectorRegistry
 from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
 
 from . import ops
+from .frontend import PINS_KEY, STEERING_KEY
 from .tables import POSITION_CODES, SteeringTables
 
 logger = logging.getLogger("vsteer")
@@ -104,13 +105,18 @@ class WorkerSteering:
             return self._requests[req_id]
         entry = None
         params = getattr(request_state, "sampling_params", None)
-        spec = (getattr(params, "extra_args", None) or {}).get("steering")
+        extra = getattr(params, "extra_args", None) or {}
+        spec = extra.get(STEERING_KEY)
         if spec:
+            pins = extra.get(PINS_KEY) or {}
             try:
-                resolved = self.resolver.resolve(spec)
+                resolved = self.resolver.resolve(spec, versions=pins.get("versions"))
                 if resolved is not None:
                     entry = (resolved, POSITION_CODES[resolved.positions])
-            except (SteeringError, OSError) as e:  # validated by the front-end; vector gone since?
+                    if pins.get("fingerprint") not in (None, resolved.fingerprint):
+                        logger.warning("vsteer: request %s resolved to %s, the front-end validated %s", req_id,
+                                       resolved.fingerprint, pins["fingerprint"])
+            except (SteeringError, OSError) as e:  # the pinned version was pruned or removed by hand
                 self.stats["resolve_failures"] += 1
                 logger.error("vsteer: request %s runs unsteered: %s", req_id, e)
         self._requests[req_id] = entry

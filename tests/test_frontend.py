@@ -39,3 +39,14 @@ def test_client_salts_cannot_enter_the_steered_namespace(tmp_path, monkeypatch):
     generated = resolver_for(128, 4).resolve({"vectors": [{"name": "a"}], "positions": "generated"})
     assert cache_salt(None, generated, 10) != cache_salt(None, generated, 11)
     assert cache_salt(None, resolved, 10) == cache_salt(None, resolved, 11)
+
+
+def test_prompt_length_counts_embeds_prompts():
+    """Prompt-relative salts need the prompt length also for prompt-embeds requests."""
+    from types import SimpleNamespace
+
+    from vsteer.serving.frontend import _prompt_len
+
+    assert _prompt_len(SimpleNamespace(prompt_token_ids=[1, 2, 3], prompt_embeds=None)) == 3
+    assert _prompt_len(SimpleNamespace(prompt_token_ids=None, prompt_embeds=torch.zeros(7, 16))) == 7
+    assert _prompt_len(SimpleNamespace(prompt_token_ids=None, prompt_embeds=None)) == 0

@@ -200,3 +200,34 @@ def test_caller_params_not_mutated(tiny):
     before = dict(params.extra_args)
     _generate_with = llm.generate([{"prompt_token_ids": _ids(tok, "Hi")}] * 2, params, use_tqdm=False)
     assert len(_generate_with) == 2 and params.extra_args == before
+
+
+def test_vector_changed_after_validation_applies_validated_content(tiny, registry, monkeypatch):
+    """The front-end pins each name to the content it validated: a set overwritten, or
+    deleted, between validation and the worker's first step still steers that request
+    with the validated vectors (never the new ones, never silently unsteered)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    llm, tok, model, resolver = tiny
+    ids = _ids(tok, "The weather today is")
+    spec = {"vectors": [{"name": "mut", "strength": 1.0}]}
+    registry.add("mut", SteeringVectorSet("mut", {1: _vector(128, 7, 8.0)}))
+    first = hf_reference(model, ids, spec, resolver, NEW_TOKENS).tokens
+    second_set = SteeringVectorSet("mut", {1: _vector(128, 8, 8.0)})
+    changes = iter([lambda: registry.add("mut", second_set, overwrite=True), lambda: registry.remove("mut")])
+    validate_and_queue = InputProcessor.process_inputs
+
+    def change_after_validation(self, *args, **kwargs):
+        request = validate_and_queue(self, *args, **kwargs)
+        next(changes)()  # the engine core has not seen the request yet
+        return request
+
+    monkeypatch.setattr(InputProcessor, "process_inputs", change_after_validation)
+    got = list(_generate(llm, [ids], [spec])[0].outputs[0].token_ids)
+    assert got == first, "overwritten after validation: the worker must apply the validated content"
+    second = hf_reference(model, ids, spec, resolver, NEW_TOKENS).tokens  # the registry now holds second_set
+    assert second != first != hf_reference(model, ids, None, resolver, NEW_TOKENS).tokens
+    got = list(_generate(llm, [ids], [spec])[0].outputs[0].token_ids)
+    assert got == second, "deleted after validation: the worker must still apply the validated content"
+    with pytest.raises(ValueError, match="unknown steering vector 'mut'"):
+        _generate(llm, [ids], [spec])
