@@ -38,7 +38,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "hf_vs_vllm": (["--batch", "64", "--tokens", "64", "--reps", "2", "--ttft-reps", "5"],
                    ["--model", "tiny-llama", "--batch", "8", "--tokens", "8", "--reps", "1", "--ttft-reps", "2",
                     "--enforce-eager"]),
-    "serving_overhead": (["--batch", "64", "--tokens", "64", "--reps", "3"],
+    "serving_overhead": (["--batch", "64", "--tokens", "64", "--reps", "5"],
                          ["--model", "tiny-llama", "--batch", "8", "--tokens", "8", "--reps", "1", "--ks", "1,8",
                           "--enforce-eager"]),
     "server_load": (["--requests", "200", "--concurrency", "16", "--tokens", "32", "--reps", "2"],

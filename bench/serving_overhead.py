@@ -11,7 +11,7 @@ Same-engine ratios are medians of per-round ratios (steered tok/s / unsteered to
 the same round). The plugin-off comparison is necessarily across two engine starts
 (median tok/s over median tok/s): machine noise between the two starts enters it.
 
-    python bench/serving_overhead.py                       # SmolLM2, batch 64 x 64, 3 rounds
+    python bench/serving_overhead.py                       # SmolLM2, batch 64 x 64, 5 rounds
     python bench/serving_overhead.py --batch 16 --tokens 16 --reps 1 --enforce-eager   # quick
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=C.DEFAULT_MODEL, help="HF folder or known name (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="requests per batch (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=3, help="measured rounds per engine (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="measured rounds per engine (default: %(default)s)")
     p.add_argument("--ks", default="1,8,64", help="distinct steering configs per batch (default: %(default)s)")
     p.add_argument("--layers", default="1,4,all", help="layer cases (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, slower run)")
