@@ -197,7 +197,12 @@ class VectorRegistry:
             tmp = dest.with_name(f".{sha}.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(path, tmp)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # another process kept the same version first
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not dest.exists():
+                    raise
         os.utime(dest)  # retention counts from when this version stopped being current
 
     def prune_versions(self) -> int:

@@ -247,7 +247,6 @@ class SteeringResolver:
             raise SteeringError(str(e), field=f"{where}.name", reason="unknown_vector") from None
         except VersionGoneError as e:
             raise SteeringError(str(e), field=f"{where}.name", reason="vector_version_gone") from None
-            raise SteeringError(str(e), field=f"{where}.name", reason="unknown_vector") from None
         except VectorFileError as e:
             reason = "wrong_hidden_size" if "hidden size" in str(e) else "bad_vector_file"
             raise SteeringError(str(e), field=f"{where}.name", reason=reason) from None
