@@ -126,28 +126,21 @@ class VectorRegistry:
                        sha256: str | None = None) -> tuple[SteeringVectorSet, str]:
         """The set and the sha256 of exactly the tensors returned.
 
-        The hash comes from what was loaded, never from a second read of the metadata: a
-        set overwritten between two reads must not pair old tensors with the new hash
-        (fingerprints, and the prefix-cache namespaces derived from them, rely on it).
-        With ``sha256`` the result is that exact content, current or kept from before an
-        overwrite or removal, or ``VersionGoneError``."""
-        if sha256 is not None:
-            vs = self._load_version(name, sha256)
-        else:
-            meta = self.metadata(name)
-            vs = self._cached(name, meta["sha256"])
-            if vs is None:
-                vs = load_vector_set(self.path_for(name))
-                sha = content_sha256(vs.vectors)  # the file may have changed since ``meta``
-                self._remember(name, sha, vs)
-                sha256 = sha
-            else:
-                sha256 = meta["sha256"]
+        The hash is checked against the tensors actually loaded: a set overwritten while
+        it is read must not pair old tensors with the new hash (fingerprints, and the
+        prefix-cache namespaces derived from them, rely on it). With ``sha256`` the result
+        is that exact content, current or kept from before an overwrite or removal, or
+        ``VersionGoneError``."""
+        if sha256 is None:
+            sha256 = self.metadata(name)["sha256"]
+        vs = self._load_version(name, sha256)
         shape = {"hidden_size": vs.hidden_size, "num_layers": vs.num_layers, "layers": vs.layers}
         check_compatible(shape, name, expect_hidden_size=expect_hidden_size, expect_num_layers=expect_num_layers)
         return vs, sha256
 
     def _load_version(self, name: str, sha256: str) -> SteeringVectorSet:
+        """Exactly the content ``sha256``: the hash is re-checked on what was loaded, since
+        the live set may be rewritten between reading its metadata and its tensors."""
         vs = self._cached(name, sha256)
         if vs is not None:
             return vs
@@ -163,8 +156,8 @@ class VectorRegistry:
                 return vs
         if name not in self:
             raise UnknownVectorError(name, self.names())
-        raise VersionGoneError(f"{name}: the version {sha256[:12]} this request was validated against has "
-                               f"been replaced and is no longer kept (kept for {self.retain_seconds:g} s)")
+        raise VersionGoneError(f"{name}: version {sha256[:12]} is neither current nor kept any more "
+                               f"(replaced versions are kept for {self.retain_seconds:g} s)")
 
     def _cached(self, name: str, sha256: str) -> SteeringVectorSet | None:
         with self._lock:

@@ -113,9 +113,6 @@ class WorkerSteering:
                 resolved = self.resolver.resolve(spec, versions=pins.get("versions"))
                 if resolved is not None:
                     entry = (resolved, POSITION_CODES[resolved.positions])
-                    if pins.get("fingerprint") not in (None, resolved.fingerprint):
-                        logger.warning("vsteer: request %s resolved to %s, the front-end validated %s", req_id,
-                                       resolved.fingerprint, pins["fingerprint"])
             except (SteeringError, OSError) as e:  # the pinned version was pruned or removed by hand
                 self.stats["resolve_failures"] += 1
                 logger.error("vsteer: request %s runs unsteered: %s", req_id, e)

@@ -60,7 +60,7 @@ def test_pruned_version_is_a_clear_error(tmp_path):
     worker = SteeringResolver(VectorRegistry(tmp_path), hidden_size=H, num_layers=L)
     with pytest.raises(SteeringError) as e:
         worker.resolve(SPEC, versions=validated.versions)
-    assert e.value.reason == "vector_version_gone" and "no longer kept" in e.value.message
+    assert e.value.reason == "vector_version_gone" and "neither current nor kept" in e.value.message
 
 
 def test_retention_counts_from_replacement(tmp_path):
