@@ -86,14 +86,14 @@ def model_shape(path: str) -> tuple[int, int]:
 
 def prompt_texts(n: int) -> list[str]:
     """n distinct short user prompts (the bundled eval prompts, numbered when reused)."""
-    from vsteer.extract.eval_data import load_prompts
+    from vsteer.eval.inputs import load_prompts
 
     base = load_prompts()
     return [base[i % len(base)] + ("" if i < len(base) else f" (variant {i // len(base)})") for i in range(n)]
 
 
 def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
-    from vsteer.extract.eval_data import chat_ids
+    from vsteer.eval.inputs import chat_ids
 
     return [chat_ids(tokenizer, t) for t in prompt_texts(n)]
 

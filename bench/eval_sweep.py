@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from vsteer.engine.models import load_hf
+    from vsteer.engine.formats import save_vector_set
     from vsteer.extract import ContrastPairDataset, extract_caa
-    from vsteer.extract.evaluate import format_report, run_sweep
+    from vsteer.eval.sweep import format_report, run_sweep
 
     path = C.resolve_model(args.model)
     layers = [int(x) for x in args.layers.split(",")]
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                      token_position="mean", batch_size=16, progress=False, behaviour="sentiment",
                      model_id=args.model)
     vec_dir = work / "vectors" / "sentiment"
-    vs.save(str(vec_dir), overwrite=True)
+    save_vector_set(vs, str(vec_dir), overwrite=True)
 
     summary: dict = {"params": {"model": args.model, "model_path": path, "layers": layers,
                                 "strengths": _floats(args.strengths), "max_new_tokens": args.max_new_tokens,

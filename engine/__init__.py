@@ -1,7 +1,9 @@
-"""vsteer.engine: steering vectors, vector files, per-request specs and HF injection."""
+"""vsteer.engine: steering vectors, vector files, the registry, per-request specs and HF
+injection. The bottom layer: it imports nothing from extract, eval or serving."""
 
+from .errors import SteeringError, UnknownVectorError, VectorFileError, VersionGoneError
 from .formats import (
-    VectorFileError,
+    FORMATS,
     load_any,
     load_control_vector_gguf,
     load_seed_format,
@@ -12,23 +14,18 @@ from .formats import (
 )
 from .inject import ActivationInjector, MultiVectorInjector, SpecInjector, SteeringHooks
 from .layers import component_module, find_decoder_layers
-from .registry import UnknownVectorError, VectorRegistry
-from .spec import (
-    POSITIONS,
-    ResolvedSteering,
-    SteeringError,
-    SteeringResolver,
-    SteeringSpec,
-    VectorRef,
-    encode_inline,
-)
+from .positions import POSITIONS
+from .registry import VectorRegistry
+from .resolver import ResolvedSteering, SteeringResolver, encode_inline
+from .spec import SteeringSpec, VectorRef
 from .vectors import LAYER_CONVENTION, LAYER_CONVENTION_DOC, SteeringVector, SteeringVectorSet
+from .version import __version__
 
 __all__ = [
-    "ActivationInjector", "LAYER_CONVENTION", "LAYER_CONVENTION_DOC", "MultiVectorInjector", "POSITIONS",
-    "ResolvedSteering", "SpecInjector", "SteeringError", "SteeringHooks", "SteeringResolver", "SteeringSpec",
-    "SteeringVector", "SteeringVectorSet", "UnknownVectorError", "VectorFileError", "VectorRef",
-    "VectorRegistry", "component_module", "encode_inline", "find_decoder_layers", "load_any",
-    "load_control_vector_gguf", "load_seed_format", "load_vector_set", "save_control_vector_gguf",
-    "save_seed_format", "save_vector_set",
+    "ActivationInjector", "FORMATS", "LAYER_CONVENTION", "LAYER_CONVENTION_DOC", "MultiVectorInjector",
+    "POSITIONS", "ResolvedSteering", "SpecInjector", "SteeringError", "SteeringHooks", "SteeringResolver",
+    "SteeringSpec", "SteeringVector", "SteeringVectorSet", "UnknownVectorError", "VectorFileError", "VectorRef",
+    "VectorRegistry", "VersionGoneError", "__version__", "component_module", "encode_inline",
+    "find_decoder_layers", "load_any", "load_control_vector_gguf", "load_seed_format", "load_vector_set",
+    "save_control_vector_gguf", "save_seed_format", "save_vector_set",
 ]

@@ -9,6 +9,8 @@ length, so it stays right while ``model.generate`` decodes one token per step:
 * ``first`` / ``last``: the first / last real prompt token only. These are the seed's
   (rotalabs-steer) mode names; there they turned into "every generated token" once the KV
   cache was on, here they keep their prefill meaning.
+
+The rules themselves are defined once, in ``vsteer.engine.positions``.
 """
 
 from __future__ import annotations
@@ -19,14 +21,9 @@ import torch
 from torch import nn
 
 from .layers import find_decoder_layers, output_tensor, replace_output_tensor
-from .spec import POSITIONS, ResolvedSteering, SteeringResolver, SteeringSpec
+from .positions import check_positions, steered_mask
+from .resolver import ResolvedSteering
 from .vectors import SteeringVector, SteeringVectorSet
-
-
-def _check_positions(positions: str) -> str:
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {', '.join(POSITIONS)}; got {positions!r}")
-    return positions
 
 
 def _past_length(kwargs: Mapping[str, Any]) -> int:
@@ -53,7 +50,7 @@ class SteeringHooks:
 
     def __init__(self, model: nn.Module, positions: str = "all"):
         self.model = model
-        self.positions = _check_positions(positions)
+        self.positions = check_positions(positions)
         self.blocks = find_decoder_layers(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None          # [batch, tokens] for the current forward
@@ -127,28 +124,25 @@ class SteeringHooks:
         self._mask = self._position_mask(prompt, past, tokens)
 
     def _position_mask(self, prompt: torch.Tensor, past: int, tokens: int) -> torch.Tensor:
-        """Which of this forward's tokens (padded indices past..past+tokens-1) to steer."""
+        """Which of this forward's tokens (padded indices past..past+tokens-1) to steer.
+
+        Padded indices become real positions (prompt tokens counted over the attention
+        mask, generated tokens after the real prompt), so the rule in
+        ``vsteer.engine.positions`` sees exactly what vLLM's tables see."""
         batch, plen = prompt.shape
-        idx = torch.arange(past, past + tokens, device=prompt.device)
+        device = prompt.device
+        idx = torch.arange(past, past + tokens, device=device).unsqueeze(0)          # [1, tokens]
+        real_plen = prompt.sum(dim=1, keepdim=True)                                    # [batch, 1]
         in_prompt = idx < plen
-        clamped = idx.clamp(max=max(plen - 1, 0))
-        real_prompt = prompt[:, clamped] & in_prompt if plen else torch.zeros(batch, tokens, dtype=torch.bool,
-                                                                             device=prompt.device)
-        generated = (~in_prompt).expand(batch, tokens)
-        mode = self.positions
-        if mode == "all":
-            return real_prompt | generated
-        if mode == "prompt":
-            return real_prompt
-        if mode == "generated":
-            return generated.clone()
-        if plen == 0:
-            return torch.zeros(batch, tokens, dtype=torch.bool, device=prompt.device)
-        if mode == "first":
-            target = prompt.int().argmax(dim=1)
-        else:  # last
-            target = plen - 1 - prompt.flip(1).int().argmax(dim=1)
-        return (idx.unsqueeze(0) == target.unsqueeze(1)) & in_prompt
+        if plen:
+            clamped = idx.clamp(max=plen - 1).expand(batch, tokens)
+            prompt_pos = (prompt.long().cumsum(dim=1) - 1).gather(1, clamped)
+            is_real = torch.where(in_prompt, prompt.gather(1, clamped), True)
+        else:
+            prompt_pos = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+            is_real = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        positions = torch.where(in_prompt, prompt_pos, real_plen + (idx - plen))
+        return steered_mask(positions, real_plen, self.positions) & is_real
 
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
@@ -237,7 +231,3 @@ class SpecInjector(SteeringHooks):
 
     def layer_vectors(self) -> dict[int, torch.Tensor]:
         return dict(self.resolved.layer_vectors) if self.resolved else {}
-
-    @classmethod
-    def from_spec(cls, model: nn.Module, spec: SteeringSpec | dict | None, resolver: SteeringResolver) -> "SpecInjector":
-        return cls(model, resolver.resolve(spec))

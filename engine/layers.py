@@ -1,8 +1,9 @@
 """Find decoder blocks and their attention / MLP sub-modules in Hugging Face models.
 
-Known layouts are tried first (Llama, Qwen2/3, Mistral, Gemma/Gemma2/3, GPT-2,
-GPT-NeoX, OPT); otherwise the largest ``nn.ModuleList`` whose children each hold an
-attention module is taken. Anything else gets a clear error.
+One locator serves the HF path and the vLLM workers alike: a user override
+(``VSTEER_DECODER_LAYERS``), then known layouts (Llama, Qwen2/3, Mistral, Gemma/Gemma2/3,
+GPT-2, GPT-NeoX, OPT; vLLM's models use the same ``model.layers``), then the longest
+``nn.ModuleList`` whose blocks hold attention. Anything else gets a clear error.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .settings import settings
+
 Component = Literal["residual", "attn", "mlp"]
 COMPONENTS: tuple[str, ...] = ("residual", "attn", "mlp")
 
-_LAYER_PATHS = (
+LAYER_PATHS = (
     "model.layers",                      # Llama, Qwen2/3, Mistral, Gemma/Gemma2 (ForCausalLM)
     "model.language_model.layers",       # Gemma3 (ForConditionalGeneration), other VLM wrappers
     "language_model.model.layers",
@@ -40,24 +43,71 @@ def _get(obj: nn.Module, path: str) -> nn.Module | None:
     return obj
 
 
-def _has_attention(block: nn.Module) -> bool:
-    return any(isinstance(getattr(block, n, None), nn.Module) for n in _ATTN_NAMES) or any(
-        "attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower() for m in block.children())
+def has_attention(block: nn.Module) -> bool:
+    """A decoder block holds an attention module (HF: ``self_attn``/``attn``/...; vLLM: a
+    sub-module whose class is an ``...Attention``)."""
+    if any(isinstance(getattr(block, n, None), nn.Module) for n in _ATTN_NAMES):
+        return True
+    return any("attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()
+               for m in block.modules() if m is not block)
+
+
+def _real(blocks: nn.ModuleList, placeholder: tuple[type, ...]) -> list[nn.Module]:
+    return [b for b in blocks if not (placeholder and isinstance(b, placeholder))]
+
+
+def _is_decoder_list(module: object, placeholder: tuple[type, ...]) -> bool:
+    """Most real blocks hold attention (hybrid models mix in other blocks)."""
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    real = _real(module, placeholder)
+    return bool(real) and 2 * sum(has_attention(b) for b in real) >= len(real)
+
+
+def locate_decoder_layers(model: nn.Module, *, placeholder: tuple[type, ...] = ()) -> tuple[str, nn.ModuleList]:
+    """(attribute path, the decoder blocks in order). One locator for the HF injectors,
+    extraction and the vLLM workers; block L's output is our layer L.
+
+    Order: ``VSTEER_DECODER_LAYERS`` (an attribute path, for models nothing below
+    recognises), the known layouts in ``LAYER_PATHS``, then the longest ``ModuleList`` most
+    of whose blocks hold attention, preferring a language model's list over a vision
+    tower's or an encoder's. ``placeholder`` types (vLLM's ``PPMissingLayer``: blocks of
+    other pipeline stages) are ignored when judging a list.
+    """
+    override = settings().decoder_layers
+    if override:
+        found = _get(model, override)
+        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+            raise ValueError(f"VSTEER_DECODER_LAYERS={override!r} does not name a non-empty ModuleList of "
+                             f"{type(model).__name__}")
+        return override, found
+    for path in LAYER_PATHS:
+        found = _get(model, path)
+        if _is_decoder_list(found, placeholder):
+            return path, found  # type: ignore[return-value]
+    candidates = []
+    for name, module in model.named_modules():
+        if _is_decoder_list(module, placeholder):
+            language = not any(k in name.lower() for k in ("vision", "visual", "encoder", "audio"))
+            candidates.append((language, len(module), name, module))
+    if candidates:
+        _, _, name, module = max(candidates, key=lambda c: (c[0], c[1]))
+        return name, module
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: expected a ModuleList of blocks holding an "
+        f"attention module (looked at {', '.join(LAYER_PATHS)}); set VSTEER_DECODER_LAYERS to its attribute path")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder blocks, in order. Block L's output is our layer L."""
-    for path in _LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0 and _has_attention(layers[0]):
-            return layers
-    candidates = [m for m in model.modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and all(_has_attention(c) for c in m)]
-    if candidates:
-        return max(candidates, key=len)
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected a ModuleList of blocks holding an "
-        f"attention module at one of {', '.join(_LAYER_PATHS)}")
+    return locate_decoder_layers(model)[1]
+
+
+def decoder_layer_map(model: nn.Module, *, placeholder: tuple[type, ...] = ()) -> dict[int, nn.Module]:
+    """Absolute layer index -> block, for the blocks this process owns (with pipeline
+    parallelism, vLLM fills the other stages' places with ``placeholder`` modules)."""
+    blocks = locate_decoder_layers(model, placeholder=placeholder)[1]
+    return {i: b for i, b in enumerate(blocks) if not (placeholder and isinstance(b, placeholder))}
 
 
 def num_decoder_layers(model: nn.Module) -> int:

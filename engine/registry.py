@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import UnknownVectorError, VectorFileError, VersionGoneError
 from .formats import (
     METADATA_FILE,
-    VectorFileError,
     check_compatible,
     content_sha256,
     load_vector_set,
@@ -34,26 +34,9 @@ from .vectors import SteeringVectorSet
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-VECTORS_DIR_ENV = "VSTEER_VECTORS_DIR"
 VERSIONS_DIR = ".versions"  # never a valid name: names start with a letter or digit
 RETAIN_ENV = "VSTEER_VERSION_RETAIN_SECONDS"
 _CACHED_VERSIONS_PER_NAME = 4
-
-
-class UnknownVectorError(KeyError):
-    """A name that is not in the registry. ``str()`` lists the known names."""
-
-    def __init__(self, name: str, known: list[str]):
-        self.name, self.known = name, known
-        super().__init__(name)
-
-    def __str__(self) -> str:
-        shown = ", ".join(self.known[:50]) or "(none)"
-        return f"unknown steering vector {self.name!r}; known vectors: {shown}"
-
-
-class VersionGoneError(VectorFileError):
-    """A pinned version of a set is neither current nor kept any more."""
 
 
 def check_name(name: str) -> str:
@@ -75,11 +58,6 @@ class VectorRegistry:
         self._write_lock = threading.Lock()
         self._meta_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._set_cache: dict[tuple[str, str], SteeringVectorSet] = {}
-
-    @classmethod
-    def from_env(cls) -> "VectorRegistry | None":
-        root = os.environ.get(VECTORS_DIR_ENV)
-        return cls(root) if root else None
 
     def path_for(self, name: str) -> Path:
         check_name(name)

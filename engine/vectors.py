@@ -135,29 +135,3 @@ class SteeringVectorSet:
     def normalized(self) -> "SteeringVectorSet":
         return self._derive({layer: v / v.norm().clamp_min(1e-12) for layer, v in self.vectors.items()},
                             params={**self.params, "normalized": True})
-
-    @classmethod
-    def from_vectors(cls, vectors: Iterable[SteeringVector], num_layers: int | None = None) -> "SteeringVectorSet":
-        vecs = list(vectors)
-        if not vecs:
-            raise ValueError("no vectors given")
-        behaviours = {v.behaviour for v in vecs}
-        if len(behaviours) != 1:
-            raise ValueError(f"a set holds one behaviour, got {sorted(behaviours)}")
-        first = vecs[0]
-        return cls(first.behaviour, {v.layer: v.vector for v in vecs}, first.model_id, num_layers,
-                   first.method, dict(first.params), dict(first.provenance))
-
-    # -- files (see vsteer.engine.formats) ---------------------------------------------
-    def save(self, directory: str, *, overwrite: bool = False) -> None:
-        from .formats import save_vector_set
-
-        save_vector_set(self, directory, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, directory: str, *, expect_hidden_size: int | None = None,
-             expect_model_id: str | None = None) -> "SteeringVectorSet":
-        from .formats import load_vector_set
-
-        return load_vector_set(directory, expect_hidden_size=expect_hidden_size,
-                               expect_model_id=expect_model_id)

@@ -4,7 +4,8 @@ Importing this package does not import vLLM; the plugin (``vsteer.serving.plugin
 loaded by vLLM itself through its ``vllm.general_plugins`` entry point.
 """
 
+from vsteer.engine.version import __version__
+
 from .api import set_vectors_dir, steering
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "set_vectors_dir", "steering"]

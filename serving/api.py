@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vsteer.engine.registry import VECTORS_DIR_ENV
+from vsteer.engine.settings import Settings
 from vsteer.engine.spec import SteeringSpec
 
 
@@ -33,5 +33,5 @@ def set_vectors_dir(path: str | os.PathLike) -> str:
     p = Path(path).resolve()
     if not p.is_dir():
         raise FileNotFoundError(f"vector directory {p} does not exist")
-    os.environ[VECTORS_DIR_ENV] = str(p)
+    os.environ[Settings.env_name("vectors_dir")] = str(p)
     return str(p)

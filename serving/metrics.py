@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-logger = logging.getLogger("vsteer")
+from .keys import WORKER_STATS_METHOD
+
+logger = logging.getLogger("vllm.vsteer")
 
 INLINE_LABEL = "inline"
 CONFIG_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
@@ -58,50 +58,16 @@ for _label in ("true", "false"):
 for _source in ("path", "upload"):
     REGISTRY_LOADS.labels(source=_source)
 
-_registry_lock = threading.Lock()
-_registry: Any = None
-
-
-def _registry_from_env() -> Any:
-    global _registry
-    from vsteer.engine.registry import VECTORS_DIR_ENV, VectorRegistry
-
-    root = os.environ.get(VECTORS_DIR_ENV)
-    with _registry_lock:
-        if root and (_registry is None or str(_registry.root) != str(os.path.realpath(root))):
-            try:
-                _registry = VectorRegistry(root)
-            except (OSError, ValueError):
-                _registry = None
-        elif not root:
-            _registry = None
-        return _registry
-
-
 # -- front-end recording (called by vsteer.serving.frontend and the HTTP layer) ---------------
 
 def record_rejection(reason: str) -> None:
     REJECTIONS.labels(reason=reason or "invalid").inc()
 
 
-def _vector_label(name: str, sha256: str) -> str:
-    """The registry name when the applied vector is that registry entry, else "inline"
-    (inline names are free text chosen by clients: never a label)."""
-    reg = _registry_from_env()
-    if reg is None:
-        return INLINE_LABEL
-    try:
-        if reg.metadata(name).get("sha256") == sha256:
-            return name
-    except Exception:  # unknown, removed or unreadable since: not a registry vector now
-        pass
-    return INLINE_LABEL
-
-
 def record_request(resolved: Any) -> None:
     """A steered request reached the engine (after validation)."""
     REQUESTS.labels(steered="true").inc()
-    labels = {_vector_label(v["name"], v.get("sha256", "")) for v in getattr(resolved, "applied", []) or []}
+    labels = {INLINE_LABEL if v.get("inline") else v["name"] for v in getattr(resolved, "applied", []) or []}
     for label in sorted(labels):
         VECTOR_REQUESTS.labels(vector=label).inc()
 
@@ -118,33 +84,11 @@ def record_registry_removal() -> None:
     REGISTRY_REMOVALS.inc()
 
 
-def update_registry_size() -> None:
-    reg = _registry_from_env()
+def update_registry_size(registry: Any) -> None:
     try:
-        REGISTRY_VECTORS.set(len(reg.names()) if reg is not None else 0)
+        REGISTRY_VECTORS.set(len(registry.names()) if registry is not None else 0)
     except OSError:
         pass
-
-
-def patch_request_counter() -> None:
-    """Count unsteered requests too: wrap ``InputProcessor.process_inputs`` (on top of the
-    front-end patch, which records steered ones) in the processes that build requests."""
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    current = InputProcessor.process_inputs
-    if getattr(current, "_vsteer_counter", False):
-        return
-
-    def process_inputs(self, *args, **kwargs):
-        request = current(self, *args, **kwargs)
-        sp = getattr(request, "sampling_params", None)
-        if sp is not None and not (sp.extra_args and "vsteer" in sp.extra_args):
-            record_unsteered()
-        return request
-
-    process_inputs._vsteer = True  # type: ignore[attr-defined]  # keeps patch_input_processor idempotent
-    process_inputs._vsteer_counter = True  # type: ignore[attr-defined]
-    InputProcessor.process_inputs = process_inputs
 
 
 # -- worker counters ------------------------------------------------------------------------------
@@ -189,7 +133,7 @@ class WorkerStatsPuller:
             try:
                 if getattr(engine_client, "errored", False):
                     return False
-                results = await asyncio.wait_for(engine_client.collective_rpc("vsteer_stats"), timeout)
+                results = await asyncio.wait_for(engine_client.collective_rpc(WORKER_STATS_METHOD), timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # engine busy/dead: keep the last values, count the miss
@@ -223,7 +167,6 @@ PULLER = WorkerStatsPuller()
 
 
 def refresh_interval() -> float:
-    try:
-        return float(os.environ.get("VSTEER_METRICS_REFRESH_S", "30"))
-    except ValueError:
-        return 30.0
+    from vsteer.engine.settings import settings
+
+    return settings().metrics_refresh_s

@@ -24,10 +24,6 @@ def set_tables(tables: SteeringTables | None) -> None:
     _TABLES = tables
 
 
-def get_tables() -> SteeringTables | None:
-    return _TABLES
-
-
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 

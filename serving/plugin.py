@@ -1,7 +1,8 @@
 """vLLM general plugin (entry point ``vllm.general_plugins: vsteer``).
 
-vLLM calls ``register()`` in every process it starts (front-end, engine core, workers)
-before any model loads. Installing vsteer is enough: no fork, no file overlay, no flag.
+vLLM calls ``register()`` in every process it starts (front-end, engine core, workers,
+Ray actors) before any model loads. Installing vsteer is enough: no fork, no file
+overlay, no flag. ``VSTEER_DISABLE=1`` keeps it from loading.
 """
 
 from __future__ import annotations
@@ -9,34 +10,33 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("vsteer")
-DISABLE_ENV = "VSTEER_DISABLE"
+from vsteer.engine.settings import settings
+
+logger = logging.getLogger("vllm.vsteer")
 _done = False
 
 
 def register() -> None:
     global _done
-    if _done or os.environ.get(DISABLE_ENV) == "1":
+    if _done or settings().disable:
         return
+    from . import vllm_patches
     from .compat import check_vllm_version
+    from .ops import register_op
 
     version = check_vllm_version()
     # Steering runs in vLLM's V1 model runner; pick it unless the user chose otherwise
     # (a V2 choice is then refused loudly at model load, never ignored).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    from .frontend import patch_input_processor
-    from .ops import register_op
-    from .worker import patch_compile_cache_key, patch_worker
-
     register_op()
-    patch_input_processor()
-    patch_worker()
-    patch_compile_cache_key()
-    try:
-        from .openai_protocol import patch_openai_requests
-    except ImportError:
-        pass
-    else:
-        patch_openai_requests()
+    vllm_patches.apply()
     _done = True
     logger.debug("vsteer plugin registered on vLLM %s", version)
+
+
+def ensure_api_server_patches() -> None:
+    """Apply the app patches in an API-server process whose plugin loaded before the
+    launcher modules were imported (``vsteer serve`` imports them itself)."""
+    from . import vllm_patches
+
+    vllm_patches.apply(api_server=True)

@@ -19,23 +19,13 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from vsteer.engine.spec import POSITIONS, ResolvedSteering
-
-POSITION_CODES: dict[str, int] = {name: i for i, name in enumerate(POSITIONS)}
-_ALL, _PROMPT, _GENERATED, _FIRST, _LAST = (POSITION_CODES[p] for p in ("all", "prompt", "generated", "first", "last"))
+from vsteer.engine.positions import steered_mask_by_code
+from vsteer.engine.resolver import ResolvedSteering
 
 
 def steered_token_mask(positions: np.ndarray, prompt_lens: np.ndarray, modes: np.ndarray) -> np.ndarray:
-    """Which tokens a position rule names, from absolute positions alone.
-
-    Depends only on (position, prompt length, rule), so chunked prefill, preemption and
-    recomputation give the same answer as one uninterrupted pass.
-    """
-    return ((modes == _ALL)
-            | ((modes == _PROMPT) & (positions < prompt_lens))
-            | ((modes == _GENERATED) & (positions >= prompt_lens))
-            | ((modes == _FIRST) & (positions == 0))
-            | ((modes == _LAST) & (positions == prompt_lens - 1)))
+    """Which tokens their request's position rule names (``vsteer.engine.positions``)."""
+    return steered_mask_by_code(positions, prompt_lens, modes)
 
 
 class SteeringTables:

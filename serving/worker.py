@@ -8,59 +8,45 @@ and copied into persistent buffers the model reads.
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from vsteer.engine.errors import SteeringError
+from vsteer.engine.layers import decoder_layer_map
+from vsteer.engine.positions import POSITION_CODES
 from vsteer.engine.registry import VectorRegistry
-from vsteer.engine.spec import ResolvedSteering, SteeringError, SteeringResolver
+from vsteer.engine.resolver import ResolvedSteering, SteeringResolver
+from vsteer.engine.settings import settings
 
 from . import ops
-from .frontend import PINS_KEY, STEERING_KEY
-from .tables import POSITION_CODES, SteeringTables
+from .keys import PINS_KEY, STEERING_KEY
+from .tables import SteeringTables
 
-logger = logging.getLogger("vsteer")
-LAYERS_ENV = "VSTEER_LAYERS"  # optional: restrict steerable layers (saves table memory)
-
-
-def _has_attention(module: nn.Module) -> bool:
-    return any(type(m).__name__.endswith("Attention") for m in module.modules())
+logger = logging.getLogger("vllm.vsteer")
 
 
 def find_vllm_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Absolute layer index -> decoder block, for the blocks this pipeline stage owns.
-
-    The decoder stack is the longest ``ModuleList`` most of whose blocks hold an attention
-    layer (hybrid models mix in other blocks); lists under a vision tower or an encoder
-    lose ties to the language model's.
-    """
+    """Absolute layer index -> decoder block, for the blocks this pipeline stage owns
+    (the shared locator in ``vsteer.engine.layers``, skipping ``PPMissingLayer``)."""
     try:
         from vllm.model_executor.models.utils import PPMissingLayer
+        placeholder: tuple[type, ...] = (PPMissingLayer,)
     except ImportError:  # pragma: no cover
-        PPMissingLayer = ()  # type: ignore[assignment]
-    candidates: list[tuple[bool, int, nn.ModuleList]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        real = [c for c in module if not isinstance(c, PPMissingLayer)]
-        with_attn = sum(_has_attention(c) for c in real)
-        if real and 2 * with_attn >= len(real):
-            language = not any(k in name.lower() for k in ("vision", "visual", "encoder", "audio"))
-            candidates.append((language, len(module), module))
-    if not candidates:
-        raise RuntimeError(f"vsteer cannot find the decoder layers of {type(model).__name__}: no ModuleList of "
-                           "blocks holding an attention layer")
-    best = max(candidates, key=lambda c: (c[0], c[1]))[2]
-    return {i: block for i, block in enumerate(best) if not isinstance(block, PPMissingLayer)}
+        placeholder = ()
+    try:
+        return decoder_layer_map(model, placeholder=placeholder)
+    except ValueError as e:
+        raise RuntimeError(f"vsteer: {e}") from None
 
 
 def _selected_layers(available: dict[int, nn.Module]) -> list[int]:
-    spec = os.environ.get(LAYERS_ENV, "").strip()
+    spec = (settings().layers or "").strip()
     if not spec or spec == "all":
         return sorted(available)
     wanted = {int(x) for x in spec.split(",") if x.strip()}
@@ -89,7 +75,8 @@ class WorkerSteering:
         self.num_layers = mc.get_total_num_hidden_layers()
         self.tables = SteeringTables(layers, self.hidden_size, max_configs=runner.max_num_reqs,
                                      max_tokens=runner.max_num_tokens, dtype=runner.dtype, device=runner.device)
-        self.resolver = SteeringResolver(VectorRegistry.from_env(), hidden_size=self.hidden_size,
+        root = settings().vectors_dir
+        self.resolver = SteeringResolver(VectorRegistry(root) if root else None, hidden_size=self.hidden_size,
                                          num_layers=self.num_layers)
         self._requests: dict[str, tuple[ResolvedSteering, int] | None] = {}
         self.stats = {"steps": 0, "steered_steps": 0, "steered_tokens": 0, "build_seconds": 0.0,
@@ -162,65 +149,65 @@ class WorkerSteering:
         self.stats["build_seconds"] += time.perf_counter() - t0
 
 
-def patch_worker() -> None:
-    """Install the worker-side patches (idempotent). Runs in every process at plugin load."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.gpu_worker import Worker
-
+def load_model_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Worker.load_model``: after the model loads, hook its decoder layers."""
     from .compat import check_runner
 
-    if getattr(Worker.load_model, "_vsteer", False):
-        return
-    orig_load, orig_prepare, orig_dummy = Worker.load_model, GPUModelRunner._prepare_inputs, GPUModelRunner._dummy_run
-
+    @functools.wraps(original)
     def load_model(self, *args, **kwargs):
-        out = orig_load(self, *args, **kwargs)
+        out = original(self, *args, **kwargs)
         check_runner(self.model_runner, getattr(self, "parallel_config", None))
         self.model_runner._vsteer = WorkerSteering(self.model_runner)
         return out
 
+    return load_model
+
+
+def prepare_inputs_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``GPUModelRunner._prepare_inputs``: fill the steering tables for the step just prepared."""
+
+    @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        out = orig_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        out = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         state = getattr(self, "_vsteer", None)
         if state is not None:
             state.step(self, scheduler_output, num_scheduled_tokens)
         return out
 
+    return _prepare_inputs
+
+
+def dummy_run_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``GPUModelRunner._dummy_run``: profile/warm-up/capture runs carry no requests."""
+
+    @functools.wraps(original)
     def _dummy_run(self, *args, **kwargs):
         state = getattr(self, "_vsteer", None)
-        if state is not None:  # profile/warm-up/capture runs carry no requests
+        if state is not None:
             state.tables.clear()
-        return orig_dummy(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    def vsteer_stats(self) -> dict[str, Any]:
-        """collective_rpc target: this worker's steering counters (for /metrics)."""
-        state = getattr(self.model_runner, "_vsteer", None)
-        if state is None:
-            return {}
-        stats = dict(state.stats)
-        state.stats["configs_per_step"] = []
-        return stats
-
-    load_model._vsteer = True  # type: ignore[attr-defined]
-    Worker.load_model = load_model
-    Worker.vsteer_stats = vsteer_stats
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner._dummy_run = _dummy_run
+    return _dummy_run
 
 
-def patch_compile_cache_key() -> None:
+def vsteer_stats(self) -> dict[str, Any]:
+    """``Worker.vsteer_stats``, a ``collective_rpc`` target: this worker's steering counters."""
+    state = getattr(self.model_runner, "_vsteer", None)
+    if state is None:
+        return {}
+    stats = dict(state.stats)
+    state.stats["configs_per_step"] = []
+    return stats
+
+
+def compile_hash_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     """vLLM's AOT compile cache key ignores plugins: add ours, so a graph compiled without
     the steering op is never loaded into a process that needs it (and vice versa)."""
-    from vllm.compilation import caching
 
-    if getattr(caching.aot_compile_hash_factors, "_vsteer", False):
-        return
-    orig = caching.aot_compile_hash_factors
-
+    @functools.wraps(original)
     def aot_compile_hash_factors(vllm_config):
-        from vsteer.serving import __version__
+        from vsteer.engine.version import __version__
 
-        return list(orig(vllm_config)) + [f"vsteer={__version__};layers={os.environ.get(LAYERS_ENV, 'all')}"]
+        return list(original(vllm_config)) + [f"vsteer={__version__};layers={settings().layers or 'all'}"]
 
-    aot_compile_hash_factors._vsteer = True  # type: ignore[attr-defined]
-    caching.aot_compile_hash_factors = aot_compile_hash_factors
+    return aot_compile_hash_factors

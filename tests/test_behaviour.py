@@ -16,7 +16,7 @@ pytestmark = pytest.mark.smollm2
 
 
 def _eval_items():
-    text = resources.files("vsteer.extract").joinpath("data/sentiment_eval.jsonl").read_text()
+    text = resources.files("vsteer.eval").joinpath("data/sentiment_eval.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vsteer.engine.cli import main
+from vsteer.cli.main import main
 
 pytestmark = pytest.mark.smollm2
 

@@ -8,9 +8,10 @@ import math
 
 import pytest
 
-from vsteer.engine.cli import main as cli_main
+from vsteer.cli.main import main as cli_main
+from vsteer.engine.formats import save_vector_set
 from vsteer.extract import ContrastPairDataset, extract_caa
-from vsteer.extract.evaluate import run_sweep, tradeoff
+from vsteer.eval.sweep import run_sweep, tradeoff
 
 POINT_KEYS = {"layer", "strength", "raw_strength", "relative_strength", "behaviour", "behaviour_ci95",
               "behaviour_delta", "perplexity", "ppl_ratio", "distinct_1", "distinct_2", "mean_tokens", "z_vs_random",
@@ -23,7 +24,7 @@ def tiny_set(tiny_hf, tmp_path_factory):
     vs = extract_caa(model, tok, ContrastPairDataset.from_bundled("sentiment")[:16], layers=[1, 2],
                      token_position="mean", batch_size=16, progress=False, behaviour="sentiment")
     path = tmp_path_factory.mktemp("tiny-set") / "sentiment"
-    vs.save(str(path))
+    save_vector_set(vs, str(path))
     return str(path), vs
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vsteer.engine.layers import find_decoder_layers
+from vsteer.engine.formats import load_vector_set
 from vsteer.extract import (
     ActivationHook,
     ContrastPair,
@@ -238,9 +239,9 @@ def test_errors(tiny_hf):
 @pytest.fixture
 def cli_main():
     """The real ``vsteer`` entry point (it imports only the chosen subcommand's module)."""
-    from vsteer.engine import cli
+    from vsteer.cli import main
 
-    return cli.main
+    return main.main
 
 
 def test_cli_extract_and_inspect(cli_main, tiny_model_path, tmp_path, capsys):
@@ -254,7 +255,7 @@ def test_cli_extract_and_inspect(cli_main, tiny_model_path, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sentiment" in printed and "wrote" in printed
     assert (out / "vectors.safetensors").is_file() and (out / "vsteer.json").is_file()
-    vs = SteeringVectorSet.load(str(out))
+    vs = load_vector_set(str(out))
     assert vs.layers == [1, 2] and vs.behaviour == "sentiment" and vs.params["batch_size"] == 8
     assert vs.provenance["dataset"]["size"] >= 40 and set(vs.provenance["mean_activation_norm"]) == {"1", "2"}
 
@@ -288,7 +289,7 @@ def test_cli_layers_auto(cli_main, tiny_model_path, tmp_path, capsys):
     assert main(["extract", "--model", tiny_model_path, "--pairs", "formality", "--layers", "auto", "--out",
                  str(out), "--top-k", "2", "--batch-size", "16"]) == 0
     assert "layers auto" in capsys.readouterr().out
-    vs = SteeringVectorSet.load(str(out))
+    vs = load_vector_set(str(out))
     scores = vs.provenance["layer_scores"]
     assert set(scores) == {"0", "1", "2", "3"} and len(vs.layers) == 2
     ranked = vs.provenance["layer_selection"]["ranked"]

@@ -10,7 +10,7 @@ import torch
 
 from vsteer.engine import (
     SteeringVectorSet, VectorFileError, VectorRegistry, load_any, load_control_vector_gguf, load_seed_format,
-    load_vector_set, save_control_vector_gguf, save_seed_format,
+    load_vector_set, save_control_vector_gguf, save_seed_format, save_vector_set,
 )
 from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE
 
@@ -23,7 +23,7 @@ def _set(hidden: int = 16, layers=(1, 3, 5)) -> SteeringVectorSet:
 
 def test_round_trip_our_format(tmp_path):
     vs = _set()
-    vs.save(tmp_path / "v")
+    save_vector_set(vs, tmp_path / "v")
     meta = json.loads((tmp_path / "v" / METADATA_FILE).read_text())
     assert meta["layer_convention"] == "block_output" and meta["hidden_size"] == 16 and meta["num_layers"] == 8
     back = load_vector_set(tmp_path / "v")
@@ -58,7 +58,7 @@ def test_gguf_refuses_layer_zero(tmp_path):
 
 
 def test_hidden_size_mismatch_refused(tmp_path):
-    _set(hidden=16).save(tmp_path / "v")
+    save_vector_set(_set(hidden=16), tmp_path / "v")
     with pytest.raises(VectorFileError, match="hidden size 16 does not match the model's 32"):
         load_vector_set(tmp_path / "v", expect_hidden_size=32)
 
@@ -67,7 +67,7 @@ def test_tampered_tensor_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     vs = _set()
-    vs.save(tmp_path / "v")
+    save_vector_set(vs, tmp_path / "v")
     tensors = load_file(str(tmp_path / "v" / TENSORS_FILE))
     tensors["layer.3"][0] += 1.0
     save_file(tensors, str(tmp_path / "v" / TENSORS_FILE))
@@ -101,7 +101,7 @@ def test_seed_loader_never_unpickles(tmp_path):
 def test_registry_names_cannot_escape(tmp_path):
     reg_root = tmp_path / "reg"
     reg_root.mkdir()
-    _set().save(tmp_path / "outside")
+    save_vector_set(_set(), tmp_path / "outside")
     reg = VectorRegistry(reg_root)
     for bad in ("../outside", "a/b", "..", "/etc", ".hidden", ""):
         with pytest.raises(ValueError):

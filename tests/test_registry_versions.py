@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from vsteer.engine import SteeringError, SteeringResolver, SteeringVectorSet, VectorRegistry
-from vsteer.engine.registry import VERSIONS_DIR, VersionGoneError
+from vsteer.engine.errors import VersionGoneError
+from vsteer.engine.registry import VERSIONS_DIR
 
 H, L = 16, 6
 SPEC = {"vectors": [{"name": "v", "strength": 2.0}]}
@@ -87,7 +88,7 @@ def test_pinned_hash_is_checked(tmp_path):
 
 
 def test_inline_vectors_are_not_pinned(tmp_path):
-    from vsteer.engine.spec import encode_inline
+    from vsteer.engine.resolver import encode_inline
 
     reg = VectorRegistry(tmp_path)
     reg.add("v", _set(1.0))

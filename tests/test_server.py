@@ -28,7 +28,7 @@ from vsteer.engine import SteeringResolver, SteeringVectorSet, VectorRegistry, e
 from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE
 
 UPLOAD_LIMIT = 1 << 20  # the server under test refuses admin bodies over 1 MiB
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-0123456789"
 MODEL = "smollm2-135m-instruct"
 HIDDEN, LAYERS = 576, 30
 NEW_TOKENS = 12
@@ -58,17 +58,37 @@ def _set(behaviour: str, layers: dict[int, int], norm: float = 8.0, hidden: int 
 # in-process: request field semantics, default steering, CLI, metrics bookkeeping
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def patched_requests():
-    pytest.importorskip("vllm")
-    from vsteer.serving import openai_protocol as op
+class _RequestPatches:
+    """The request patches in this process, with a server state whose default steering
+    the test sets (a tiny registry holding "formal" and "happy")."""
 
-    op.patch_openai_requests()
-    saved = (op.default_steering(), op.MODEL.hidden_size, op.MODEL.num_layers)
-    op.MODEL.hidden_size = op.MODEL.num_layers = None  # model-free checks only (no registry here)
-    yield op
-    op.set_default_steering(saved[0])
-    op.MODEL.hidden_size, op.MODEL.num_layers = saved[1], saved[2]
+    def __init__(self, registry: VectorRegistry):
+        from vsteer.serving.http import state
+
+        self.state, self.registry = state, registry
+        self.resolver = SteeringResolver(registry, hidden_size=8, num_layers=4)
+
+    def set_default_steering(self, spec) -> None:
+        from vsteer.serving.http.config import ServerConfig
+        from vsteer.serving.http.state import ServerState
+
+        config = ServerConfig(default_steering=spec)
+        self.state.set_current(ServerState(config, 8, 4, "m", [], [], self.registry, self.resolver))
+
+
+@pytest.fixture
+def patched_requests(tmp_path):
+    pytest.importorskip("vllm")
+    from vsteer.serving import vllm_patches
+    from vsteer.serving.http import state
+
+    vllm_patches.apply(api_server=False)
+    reg = VectorRegistry(tmp_path)
+    for name in ("formal", "happy"):
+        reg.add(name, SteeringVectorSet(name, {1: torch.ones(8)}))
+    saved = state.current()
+    yield _RequestPatches(reg)
+    state.set_current(saved)
 
 
 def _chat_request(**extra):
@@ -106,7 +126,7 @@ def test_request_field_and_default_semantics(patched_requests):
 
 
 def test_default_steering_file(tmp_path):
-    from vsteer.serving.server import load_default_steering
+    from vsteer.serving.http.config import load_default_steering
 
     f = tmp_path / "d.json"
     f.write_text(json.dumps({"vectors": [{"name": "formal", "strength": 3}], "positions": "prompt"}))
@@ -123,13 +143,13 @@ def test_default_steering_file(tmp_path):
 def test_cli_refuses_bad_default_before_starting_vllm(tmp_path):
     f = tmp_path / "d.json"
     f.write_text("{not json")
-    out = subprocess.run([sys.executable, "-m", "vsteer.engine.cli", "serve", MODEL, "--vectors", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", MODEL, "--vectors", str(tmp_path),
                           "--default-steering", str(f)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not valid JSON" in out.stderr
 
 
 def test_cli_model_argument():
-    from vsteer.serving.cli import _take_model
+    from vsteer.cli.serve_cmd import _take_model
 
     assert _take_model(["m", "--port", "1"]) == ("m", ["--port", "1"])
     assert _take_model(["--port", "1", "--model", "m"]) == ("m", ["--port", "1"])
@@ -202,9 +222,10 @@ def server(tmp_path_factory, smollm2_path):
     log = root / "server.log"
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VSTEER_METRICS_REFRESH_S": "3", "VSTEER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
-    cmd = [sys.executable, "-m", "vsteer.engine.cli", "serve", MODEL, "--vectors", str(vectors),
-           "--steering-admin-key", ADMIN_KEY, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+           "VSTEER_METRICS_REFRESH_S": "3", "VSTEER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+           "VSTEER_ADMIN_KEY": ADMIN_KEY}
+    cmd = [sys.executable, "-m", "vsteer.cli.main", "serve", MODEL, "--vectors", str(vectors),
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
            "--gpu-memory-utilization", "0.3", "--max-model-len", "1024", "--dtype", "float32", "--seed", "0",
            "--max-num-seqs", "32"]
     with open(log, "wb") as out:

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from vsteer.engine import SteeringError, SteeringResolver, SteeringSpec, SteeringVectorSet, VectorRegistry
-from vsteer.engine.spec import MAX_VECTORS, encode_inline
+from vsteer.engine.resolver import encode_inline
+from vsteer.engine.settings import settings
+
+MAX_VECTORS = settings().max_vectors
 
 H, L = 16, 6
 

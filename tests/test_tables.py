@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vsteer.engine.spec import ResolvedSteering
-from vsteer.serving.tables import POSITION_CODES, SteeringTables, steered_token_mask
+from vsteer.engine.positions import POSITION_CODES
+from vsteer.engine.resolver import ResolvedSteering
+from vsteer.serving.tables import SteeringTables, steered_token_mask
 
 
 def _resolved(fp: str, layers: dict[int, float], positions: str = "all") -> ResolvedSteering:

@@ -1,0 +1,80 @@
+"""``vsteer eval``: strength/layer sweep of a vector set -> report.json, plots, a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .args import floats as _floats
+from .args import parse_layers
+
+
+def _layers(text: str) -> list[int]:
+    layers = parse_layers(text)
+    if isinstance(layers, str):
+        raise argparse.ArgumentTypeError("--layers takes explicit layers here (e.g. 8,10,12 or 8-12)")
+    return layers
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vsteer.eval.scorers import BEHAVIOURS
+
+    p.add_argument("--model", required=True, help="local HF folder, or smollm2-135m-instruct / tiny-llama")
+    p.add_argument("--vectors", required=True, help="vector set directory (what `vsteer extract --out` wrote)")
+    p.add_argument("--behaviour", "--behavior", dest="behaviour",
+                   help=f"scorer: {', '.join(sorted(BEHAVIOURS))} (default: the set's behaviour)")
+    p.add_argument("--probes", help="log-probability probe file ({prompt, positive[], negative[]} JSONL) "
+                                    "instead of a bundled behaviour")
+    p.add_argument("--prompts-file", help="generation prompts ({prompt} JSONL; default: bundled eval_prompts)")
+    p.add_argument("--strengths", type=_floats, default=[-8.0, -4.0, 0.0, 4.0, 8.0],
+                   help="comma list (default: -8,-4,0,4,8); 0 is always added")
+    p.add_argument("--strength-unit", choices=["raw", "relative"], default="raw",
+                   help="raw multipliers, or fractions of the layer's mean residual-stream norm")
+    p.add_argument("--layers", type=_layers, help="layers to sweep, one at a time (default: all of the set's)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--out", default="vsteer-eval", help="output directory (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=None, help="use the first N probes / generation prompts")
+    p.add_argument("--generation-prompts", type=int, default=None,
+                   help="use the first N generation prompts (default: --prompts)")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "first", "last"])
+    p.add_argument("--target-delta", type=float, default=None,
+                   help="behaviour change that counts as steered (default: per behaviour)")
+    p.add_argument("--max-ppl-ratio", type=float, default=1.5,
+                   help="coherence bound: perplexity <= this x unsteered (default: %(default)s)")
+    p.add_argument("--random-baselines", type=int, default=5,
+                   help="same-norm random directions per layer and strength (default: %(default)s; 0: none)")
+    p.add_argument("--random-strengths", type=_floats, default=None,
+                   help="strengths the random directions run at (default: every non-zero --strengths value)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="HF backend batch size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--compile", action="store_true", help="vLLM backend: torch.compile (default: eager)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vsteer.eval.sweep import format_report, run_sweep
+
+    if not Path(args.vectors).is_dir():
+        print(f"vsteer eval: error: {args.vectors} is not a vector set directory", file=sys.stderr)
+        return 2
+    try:
+        report = run_sweep(
+            args.model, args.vectors, behaviour=args.behaviour, probes=args.probes, prompts_file=args.prompts_file,
+            strengths=args.strengths, layers=args.layers, backend=args.backend, out=args.out,
+            max_new_tokens=args.max_new_tokens, n_prompts=args.prompts,
+            n_generation_prompts=args.generation_prompts, positions=args.positions,
+            strength_unit=args.strength_unit, target_delta=args.target_delta, max_ppl_ratio=args.max_ppl_ratio,
+            random_baselines=args.random_baselines, random_strengths=args.random_strengths, seed=args.seed,
+            progress=not args.no_progress, batch_size=args.batch_size, dtype=args.dtype, enforce_eager=not args.compile,
+            plots=not args.no_plots)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"vsteer eval: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    files = ["report.json"] + report["plots"]
+    print(f"wrote {', '.join(str(Path(args.out) / f) for f in files)} in {report['timing']['total_s']:.1f}s")
+    return 0

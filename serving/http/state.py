@@ -1,0 +1,58 @@
+"""The server's state, created once when vLLM builds its app, and the per-request slot
+the middleware opens for each HTTP request.
+
+``ServerState`` holds everything the steering routes, the middleware and the request
+patches share: the configuration, the served model's shape and name, the registry (one
+instance per process), the admin keys and the write lock. ``current()`` returns it to
+the request patches, which vLLM calls without the app at hand.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsteer.engine.registry import VectorRegistry
+from vsteer.engine.resolver import ResolvedSteering, SteeringResolver
+
+from .config import ServerConfig
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    hidden_size: int
+    num_layers: int
+    model_name: str
+    admin_keys: list[str]          # keys that authorise the admin routes
+    api_keys: list[str]            # vLLM's --api-key values (its own middleware checks them)
+    registry: VectorRegistry | None
+    resolver: SteeringResolver
+    default_resolved: ResolvedSteering | None = None
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def default_steering(self) -> dict[str, Any] | None:
+        return self.config.default_steering
+
+
+_current: ServerState | None = None
+
+
+def set_current(state: ServerState | None) -> None:
+    global _current
+    _current = state
+
+
+def current() -> ServerState | None:
+    """The state of this process's server (None outside an API server)."""
+    return _current
+
+
+RESPONSE_INFO: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("vsteer_response_info",
+                                                                                      default=None)
+"""Set per HTTP request by the middleware to a fresh dict; the request handler (a child
+task that inherits the context) notes there what steering it applied, for the response
+headers and body."""
