@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .layers import find_decoder_layers, output_tensor, replace_output_tensor
+from .operators import LayerPlan, apply_plan
 from .positions import check_positions, steered_mask
 from .resolver import ResolvedSteering
 from .vectors import SteeringVector, SteeringVectorSet
@@ -56,19 +57,32 @@ class SteeringHooks:
         self._mask: torch.Tensor | None = None          # [batch, tokens] for the current forward
         self._prompt_mask: torch.Tensor | None = None   # [batch, padded prompt length]
         self._cast_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._plans: dict[int, LayerPlan] | None = None
 
-    # -- what to add -------------------------------------------------------------------
+    # -- what to apply -----------------------------------------------------------------
     def layer_vectors(self) -> dict[int, torch.Tensor]:
+        """Layer -> vector to add (subclasses that only add implement this)."""
         raise NotImplementedError
+
+    def layer_plans(self) -> dict[int, LayerPlan]:
+        """Layer -> what to do there (``vsteer.engine.operators``); by default an add."""
+        return {layer: LayerPlan(add=vec) for layer, vec in self.layer_vectors().items()}
 
     def _invalidate(self) -> None:
         self._cast_cache.clear()
+        self._plans = None
+
+    def _plan_for(self, layer: int) -> LayerPlan | None:
+        if self._plans is None:
+            self._plans = self.layer_plans()
+        return self._plans.get(layer)
 
     def _vector_for(self, layer: int, like: torch.Tensor) -> torch.Tensor | None:
         key = (layer, like.dtype, like.device)
         vec = self._cast_cache.get(key)
         if vec is None:
-            src = self.layer_vectors().get(layer)
+            plan = self._plan_for(layer)
+            src = plan.add if plan is not None else None
             if src is None:
                 return None
             if src.numel() != like.shape[-1]:
@@ -82,11 +96,13 @@ class SteeringHooks:
         if self._handles:
             return self
         n = len(self.blocks)
-        bad = [layer for layer in self.layer_vectors() if not 0 <= layer < n]
+        self._plans = None
+        layers = sorted(self.layer_plans())
+        bad = [layer for layer in layers if not 0 <= layer < n]
         if bad:
             raise ValueError(f"layers {bad} are outside the model's 0..{n - 1}")
         self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        for layer in sorted(self.layer_vectors()):
+        for layer in layers:
             self._handles.append(self.blocks[layer].register_forward_hook(self._make_layer_hook(layer)))
         return self
 
@@ -147,13 +163,20 @@ class SteeringHooks:
     def _make_layer_hook(self, layer: int):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
             hidden = output_tensor(output)
-            vec = self._vector_for(layer, hidden)
-            if vec is None:
+            plan = self._plan_for(layer)
+            if plan is None:
                 return output
+            if plan.is_add_only:  # the plain add, exactly as vLLM's add-only path computes it
+                vec = self._vector_for(layer, hidden)
+                if vec is None:
+                    return output
+                steered = hidden + vec
+            else:
+                steered = apply_plan(hidden, plan)
             mask = self._mask
             if mask is None or mask.shape != hidden.shape[:2]:
-                return replace_output_tensor(output, hidden + vec)
-            return replace_output_tensor(output, torch.where(mask.unsqueeze(-1), hidden + vec, hidden))
+                return replace_output_tensor(output, steered)
+            return replace_output_tensor(output, torch.where(mask.unsqueeze(-1), steered, hidden))
         return hook
 
 
@@ -222,12 +245,15 @@ class MultiVectorInjector(SteeringHooks):
 
 
 class SpecInjector(SteeringHooks):
-    """Apply a resolved ``SteeringSpec`` (the per-request type) to an HF model: the
-    reference that the vLLM path is tested against."""
+    """Apply a resolved ``SteeringSpec`` (the per-request type, every operator) to an HF
+    model: the reference that the vLLM path is tested against."""
 
     def __init__(self, model: nn.Module, resolved: ResolvedSteering | None):
         super().__init__(model, resolved.positions if resolved else "all")
         self.resolved = resolved
+
+    def layer_plans(self) -> dict[int, LayerPlan]:
+        return self.resolved.plans() if self.resolved else {}
 
     def layer_vectors(self) -> dict[int, torch.Tensor]:
         return dict(self.resolved.layer_vectors) if self.resolved else {}

@@ -43,11 +43,11 @@ class Settings(BaseModel):
                                                  "steering tables")
     decoder_layers: str | None = Field(None, description="attribute path of the decoder-layer list for models "
                                                          "the locator does not recognise, e.g. model.layers")
-    max_projections: int = Field(4, ge=1, le=64, description="projection directions (ablate/clamp) per layer "
+    max_projections: int = Field(2, ge=0, le=64, description="projection directions (ablate/clamp) per layer "
                                                              "and config row in the vLLM tables")
     # -- request limits -----------------------------------------------------------------
     max_vectors: int = Field(16, ge=1, description="vectors per request")
-    max_strength: float = Field(1000.0, gt=0, description="largest |strength|")
+    max_strength: float = Field(1000.0, gt=0, description="largest absolute strength")
     max_inline_bytes: int = Field(1 << 20, ge=1, description="inline data per vector entry (decoded bytes)")
     max_request_inline_bytes: int = Field(8 << 20, ge=1, description="inline data per request (decoded bytes)")
     cache_bytes: int = Field(256 << 20, ge=0, description="vector bytes each process keeps cached (registry "
@@ -64,6 +64,17 @@ class Settings(BaseModel):
                                                              "when /metrics is scraped)")
     lease_grace_s: float = Field(120.0, gt=0, description="how long a replaced vector version stays on disk "
                                                           "after the last request pinning it finished")
+
+    @property
+    def steerable_layers(self) -> set[int] | None:
+        """``VSTEER_LAYERS`` as a set (None: every layer)."""
+        text = (self.layers or "").strip()
+        if not text or text == "all":
+            return None
+        try:
+            return {int(x) for x in text.split(",") if x.strip()}
+        except ValueError:
+            raise SettingsError(f"VSTEER_LAYERS={self.layers!r}: use a comma list of layer numbers") from None
 
     @property
     def import_dir_list(self) -> list[Path]:

@@ -10,6 +10,7 @@ and in vLLM alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -73,6 +74,12 @@ class SteeringVectorSet:
     method: str = "caa"
     params: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    residual_norms: dict[int, float] = field(default_factory=dict)
+    """Layer -> mean residual-stream norm over the extraction texts: the unit of
+    ``"unit": "relative"`` strengths (a strength of 0.1 adds a tenth of it)."""
+    recommended: dict[str, Any] | None = None
+    """The recipe a request gets when it names only the vector (``vsteer tune`` writes it):
+    any of strength, layers, unit, norm, positions."""
 
     def __post_init__(self) -> None:
         if not self.vectors:
@@ -87,6 +94,8 @@ class SteeringVectorSet:
         if len(sizes) != 1:
             raise ValueError(f"vectors of one set must share a hidden size, got {sorted(sizes)}")
         self.vectors = clean
+        self.residual_norms = {int(k): float(v) for k, v in (self.residual_norms or {}).items()
+                               if v is not None and math.isfinite(float(v)) and float(v) > 0}
 
     # -- views -----------------------------------------------------------------------
     @property
@@ -118,7 +127,9 @@ class SteeringVectorSet:
     # -- derived sets ------------------------------------------------------------------
     def _derive(self, vectors: dict[int, torch.Tensor], **changes: Any) -> "SteeringVectorSet":
         kw = dict(behaviour=self.behaviour, model_id=self.model_id, num_layers=self.num_layers,
-                  method=self.method, params=dict(self.params), provenance=dict(self.provenance))
+                  method=self.method, params=dict(self.params), provenance=dict(self.provenance),
+                  residual_norms={k: v for k, v in self.residual_norms.items() if k in vectors},
+                  recommended=dict(self.recommended) if self.recommended else None)
         kw.update(changes)
         return SteeringVectorSet(vectors=vectors, **kw)
 

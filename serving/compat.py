@@ -23,6 +23,9 @@ class VLLMCompat:
     """Where one vLLM minor version keeps what vsteer hooks (``module:Qualified.name``)."""
 
     input_processor: str
+    output_processor: str
+    engine_core: str
+    scheduler: str
     worker: str
     model_runner: str
     compile_hash: str
@@ -41,6 +44,9 @@ _RUNNER_FIELDS = ("requests", "input_batch.req_ids", "input_batch.num_reqs", "in
 
 V0_32 = VLLMCompat(
     input_processor="vllm.v1.engine.input_processor:InputProcessor",
+    output_processor="vllm.v1.engine.output_processor:OutputProcessor",
+    engine_core="vllm.v1.engine.core:EngineCore",
+    scheduler="vllm.v1.core.sched.scheduler:Scheduler",
     worker="vllm.v1.worker.gpu_worker:Worker",
     model_runner="vllm.v1.worker.gpu_model_runner:GPUModelRunner",
     compile_hash="vllm.compilation.caching:aot_compile_hash_factors",

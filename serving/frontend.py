@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
+import json
 import logging
+import os
 import threading
 from typing import Any, Callable
+
+import torch
 
 from vsteer.engine.errors import SteeringError
 from vsteer.engine.positions import RULES
@@ -23,7 +28,7 @@ from vsteer.engine.resolver import ResolvedSteering, SteeringResolver
 from vsteer.engine.settings import settings
 from vsteer.engine.spec import SteeringSpec
 
-from . import metrics
+from . import metrics, request_context
 from .keys import PINS_KEY, SALT_PREFIX, STEERING_KEY
 
 logger = logging.getLogger("vllm.vsteer")
@@ -50,32 +55,75 @@ _resolvers: dict[tuple[str | None, int, int], SteeringResolver] = {}
 _lock = threading.Lock()
 
 
-def resolver_for(hidden_size: int, num_layers: int) -> SteeringResolver:
+def resolver_for(hidden_size: int, num_layers: int, dtype: Any = None) -> SteeringResolver:
     """One resolver per (vector directory, model shape) per process.
 
     The directory is part of the key: a process that starts a second engine on another
     ``VSTEER_VECTORS_DIR`` (tests, notebooks) must not validate against the first one's
     vectors while its workers read the new ones."""
-    root = settings().vectors_dir
-    key = (str(root) if root else None, hidden_size, num_layers)
+    s = settings()
+    root = s.vectors_dir
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    key = (str(root) if root else None, hidden_size, num_layers, dtype, s.layers)
     with _lock:
         if key not in _resolvers:
             _resolvers[key] = SteeringResolver(VectorRegistry(root) if root else None,
-                                               hidden_size=hidden_size, num_layers=num_layers)
+                                               hidden_size=hidden_size, num_layers=num_layers,
+                                               steerable=s.steerable_layers, dtype=dtype)
         return _resolvers[key]
 
 
 def resolver_for_config(vllm_config: Any) -> SteeringResolver:
     mc = vllm_config.model_config
-    return resolver_for(mc.get_hidden_size(), mc.get_total_num_hidden_layers())
+    return resolver_for(mc.get_hidden_size(), mc.get_total_num_hidden_layers(), getattr(mc, "dtype", None))
 
 
-def validate(spec: Any, vllm_config: Any) -> ResolvedSteering | None:
-    """Resolve a spec against this engine's model and registry, or raise ``InvalidSteering``."""
+# The API server resolves a request once (``http.request_fields``) and hands the result to
+# ``process_inputs`` inside ``extra_args``; the seal proves the pins were set by this
+# process, not sent by a client (``vllm_xargs`` reaches ``extra_args`` unfiltered).
+_SECRET = os.urandom(32)
+
+
+def _seal_body(spec: dict[str, Any], fingerprint: str, versions: dict[str, str]) -> bytes:
+    return json.dumps({"spec": spec, "fingerprint": fingerprint, "versions": versions}, sort_keys=True).encode()
+
+
+def seal(spec: dict[str, Any], resolved: ResolvedSteering) -> dict[str, Any]:
+    """The ``extra_args["vsteer"]`` value carrying a resolution made in this process."""
+    mac = hmac.new(_SECRET, _seal_body(spec, resolved.fingerprint, resolved.versions), "sha256").hexdigest()
+    return {"fingerprint": resolved.fingerprint, "versions": dict(resolved.versions), "seal": mac}
+
+
+def unseal(spec: dict[str, Any], pins: Any) -> tuple[str, dict[str, str]] | None:
+    """(fingerprint, versions) if ``pins`` was sealed here for exactly ``spec``; else None."""
+    if not isinstance(pins, dict) or not isinstance(pins.get("seal"), str):
+        return None
+    fingerprint, versions = pins.get("fingerprint"), pins.get("versions")
+    if not isinstance(fingerprint, str) or not isinstance(versions, dict):
+        return None
+    expected = hmac.new(_SECRET, _seal_body(spec, fingerprint, versions), "sha256").hexdigest()
+    return (fingerprint, versions) if hmac.compare_digest(expected, pins["seal"]) else None
+
+
+def validate(spec: Any, vllm_config: Any, pins: Any = None) -> ResolvedSteering | None:
+    """Resolve a spec against this engine's model and registry, or raise ``InvalidSteering``.
+
+    With ``pins`` sealed by this process's HTTP layer, the content versions it resolved
+    are used (the response headers describe that resolution, so the engine must apply it);
+    anything else a client put there is ignored."""
     try:
-        return resolver_for_config(vllm_config).resolve(spec)
+        canonical = _canonical(spec)
+        sealed = unseal(canonical, pins)
+        resolver = resolver_for_config(vllm_config)
+        if sealed is None:
+            return resolver.resolve(spec)
+        resolved = resolver.resolve(spec, versions=sealed[1])
+        if resolved is not None and resolved.fingerprint != sealed[0]:  # cannot happen: same spec, same content
+            raise SteeringError("steering changed between validation and queueing", reason="invalid")
+        return resolved
     except SteeringError as e:
         metrics.record_rejection(e.reason)
+        request_context.note(request_context.REJECTION, e.reason)
         raise InvalidSteering(e) from None
 
 
@@ -128,7 +176,7 @@ def process_inputs_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             if sp is not None and sp.extra_args and PINS_KEY in sp.extra_args:
                 sp.extra_args = {k: v for k, v in sp.extra_args.items() if k != PINS_KEY} or None
             return _unsteered(request)
-        resolved = validate(extra[STEERING_KEY], self.vllm_config)
+        resolved = validate(extra[STEERING_KEY], self.vllm_config, extra.get(PINS_KEY))
         request = original(self, request_id, prompt, params, *args, **kwargs)
         sp = request.sampling_params
         rest = {k: v for k, v in (sp.extra_args or {}).items() if k not in (STEERING_KEY, PINS_KEY)}

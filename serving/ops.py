@@ -1,10 +1,20 @@
-"""The model-side op: ``torch.ops.vsteer.add_steering_(hidden_states, layer)``.
+"""The model-side ops: ``torch.ops.vsteer.steer_(hidden_states, layer)`` and
+``torch.ops.vsteer.steer_residual_(hidden_states, residual, layer)``.
 
 Registered like vLLM registers its own ops (``direct_register_custom_op`` with a fake
-impl), in our own ``vsteer`` torch library. It takes only the hidden states and a layer
-index and reads the persistent tables of this process (``vsteer.serving.tables``), the
-way vLLM's attention op finds its KV cache by layer name. That keeps compiled graphs and
-CUDA graphs valid across steps: they capture buffer addresses, never per-request data.
+impl), in our own ``vsteer`` torch library. They take only the layer's outputs and a
+layer index and read the persistent tables of this process (``vsteer.serving.tables``),
+the way vLLM's attention op finds its KV cache by layer name. That keeps compiled graphs
+and CUDA graphs valid across steps: they capture buffer addresses, never per-request data.
+
+vLLM decoder blocks return either the residual stream itself (GPT-2 style) or
+``(hidden_states, residual)`` whose sum is the stream (the next block's fused add-norm
+adds them). ``add`` only needs ``hidden_states += v``; ablate, clamp and the norm rescale
+need the stream itself, so for those tokens the op writes the new stream into
+``residual`` and zeros ``hidden_states``: the sum the next block computes is exactly the
+new stream. Tokens of add-only configs keep the plain add, bit for bit.
+
+The operator math is ``vsteer.engine.operators`` (shared with the HF injectors).
 """
 
 from __future__ import annotations
@@ -12,9 +22,11 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
+from vsteer.engine.operators import rescale_to, set_projections
+
 from .tables import SteeringTables
 
-_LIB = Library("vsteer", "FRAGMENT")  # lives as long as the op
+_LIB = Library("vsteer", "FRAGMENT")  # lives as long as the ops
 _TABLES: SteeringTables | None = None
 _REGISTERED = False
 
@@ -28,44 +40,116 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def add_steering_(hidden_states: torch.Tensor, layer: int) -> None:
-    """hidden_states[t] += tables[slot(layer)][rows[t]] for every token t, in place."""
-    tables = _TABLES
-    if tables is None:
-        return
-    slot = tables.slot_of.get(layer)
-    if slot is None:
-        return
-    # Eager fast path: skip layers nobody steers this step. Never while capturing a CUDA
-    # graph: a replay must always run the (zero-row) add, whatever the step holds.
-    if not tables.layer_active[slot] and not _capturing():
-        return
-    flat = hidden_states.view(-1, hidden_states.shape[-1])
-    n = flat.shape[0]
+def _rows(tables: SteeringTables, n: int) -> torch.Tensor:
     if n > tables.rows.numel():
         raise RuntimeError(f"vsteer: {n} tokens in one forward, steering buffers hold {tables.rows.numel()}")
-    flat.add_(tables.tables[slot].index_select(0, tables.rows[:n]))
+    return tables.rows[:n]
 
 
-def _add_steering_fake(hidden_states: torch.Tensor, layer: int) -> None:
+def _general_stream(stream: torch.Tensor, tables: SteeringTables, slot: int, rows: torch.Tensor,
+                    full: bool) -> torch.Tensor:
+    """The new stream for every token (float32): projections, add, norm rescale."""
+    reference = stream.norm(dim=-1, keepdim=True)
+    out = stream
+    if tables.max_projections and (full or tables.general_active[slot]):
+        out = set_projections(out, tables.proj_dirs[slot].index_select(0, rows),
+                              tables.proj_targets[slot].index_select(0, rows))
+    out = out + tables.tables[slot].index_select(0, rows).float()
+    return rescale_to(out, reference, tables.norm_flags[slot].index_select(0, rows))
+
+
+def _prepare(hidden_states: torch.Tensor, layer: int) -> tuple[SteeringTables, int, bool] | None:
+    tables = _TABLES
+    if tables is None:
+        return None
+    slot = tables.slot_of.get(layer)
+    if slot is None:
+        return None
+    full = _capturing()
+    # Eager fast path: skip layers nobody steers this step. Never while capturing a CUDA
+    # graph: a replay must always run the (zero-row) update, whatever the step holds.
+    if not full and not tables.layer_active[slot]:
+        return None
+    return tables, slot, full
+
+
+def steer_(hidden_states: torch.Tensor, layer: int) -> None:
+    """The block's output is the stream itself: update it in place."""
+    prepared = _prepare(hidden_states, layer)
+    if prepared is None:
+        return
+    tables, slot, full = prepared
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    rows = _rows(tables, flat.shape[0])
+    if not full and not tables.general_active[slot]:
+        flat.add_(tables.tables[slot].index_select(0, rows))
+        return
+    general = tables.general[slot].index_select(0, rows).unsqueeze(-1)
+    plain = flat + tables.tables[slot].index_select(0, rows)
+    new = _general_stream(flat.float(), tables, slot, rows, full).to(flat.dtype)
+    flat.copy_(torch.where(general, new, plain))
+
+
+def steer_residual_(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    """The stream is ``hidden_states + residual``: update them so their sum is steered."""
+    prepared = _prepare(hidden_states, layer)
+    if prepared is None:
+        return
+    tables, slot, full = prepared
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    rows = _rows(tables, flat.shape[0])
+    if not full and not tables.general_active[slot]:
+        flat.add_(tables.tables[slot].index_select(0, rows))
+        return
+    res = residual.view(-1, residual.shape[-1])
+    general = tables.general[slot].index_select(0, rows).unsqueeze(-1)
+    plain = flat + tables.tables[slot].index_select(0, rows)
+    new = _general_stream(flat.float() + res.float(), tables, slot, rows, full).to(res.dtype)
+    flat.copy_(torch.where(general, torch.zeros_like(plain), plain))
+    res.copy_(torch.where(general, new, res))
+
+
+def _fake_stream(hidden_states: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def _fake_residual(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     return None
 
 
 def register_op() -> None:
     """Idempotent; must run in every process that runs the model, before it is traced."""
     global _REGISTERED
-    if _REGISTERED or hasattr(torch.ops.vsteer, "add_steering_"):
+    if _REGISTERED or hasattr(torch.ops.vsteer, "steer_"):
         _REGISTERED = True
         return
     try:
         from vllm.utils.torch_utils import direct_register_custom_op
-    except ImportError:  # plain torch (HF-only installs, unit tests)
+    except ImportError:  # plain torch (HF-only installs, unit tests, the GPU check)
         direct_register_custom_op = None
     if direct_register_custom_op is not None:
-        direct_register_custom_op("add_steering_", add_steering_, mutates_args=["hidden_states"],
-                                  fake_impl=_add_steering_fake, target_lib=_LIB)
+        direct_register_custom_op("steer_", steer_, mutates_args=["hidden_states"], fake_impl=_fake_stream,
+                                  target_lib=_LIB)
+        direct_register_custom_op("steer_residual_", steer_residual_, mutates_args=["hidden_states", "residual"],
+                                  fake_impl=_fake_residual, target_lib=_LIB)
     else:
-        _LIB.define("add_steering_(Tensor(a!) hidden_states, int layer) -> ()")
-        _LIB.impl("add_steering_", add_steering_, "CompositeExplicitAutograd")
-        _LIB._register_fake("add_steering_", _add_steering_fake)
+        _LIB.define("steer_(Tensor(a!) hidden_states, int layer) -> ()")
+        _LIB.impl("steer_", steer_, "CompositeExplicitAutograd")
+        _LIB._register_fake("steer_", _fake_stream)
+        _LIB.define("steer_residual_(Tensor(a!) hidden_states, Tensor(b!) residual, int layer) -> ()")
+        _LIB.impl("steer_residual_", steer_residual_, "CompositeExplicitAutograd")
+        _LIB._register_fake("steer_residual_", _fake_residual)
     _REGISTERED = True
+
+
+def hook_output(output: object, layer: int) -> None:
+    """Call the right op on a decoder block's output (the forward hook body)."""
+    if isinstance(output, (tuple, list)):
+        hidden = output[0]
+        residual = output[1] if len(output) > 1 else None
+        if isinstance(residual, torch.Tensor) and residual.shape == hidden.shape:
+            torch.ops.vsteer.steer_residual_(hidden, residual, layer)
+            return
+        torch.ops.vsteer.steer_(hidden, layer)
+        return
+    torch.ops.vsteer.steer_(output, layer)

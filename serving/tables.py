@@ -1,15 +1,22 @@
 """Per-step steering tables: the data the model-side op reads.
 
-Two persistent buffers at fixed addresses (so torch.compile graphs and CUDA graphs keep
-pointing at them):
+Persistent buffers at fixed addresses (so torch.compile graphs and CUDA graphs keep
+pointing at them), indexed by hooked decoder layer (slot) and by steering config
+resident this step (row; row 0 is "nothing"):
 
-* ``tables[slot, row, :]``: for each hooked decoder layer (slot) and each steering config
-  resident this step (row), the pre-summed, strength-weighted vector. Row 0 is all zeros.
-* ``rows[token]``: the table row each flattened token of the step adds (0 = nothing).
+* ``tables[slot, row, :]``: the summed added vector (``add``; zeros where none);
+* ``proj_dirs[slot, row, k, :]`` / ``proj_targets[slot, row, k]``: up to
+  ``VSTEER_MAX_PROJECTIONS`` unit directions whose projections are set (ablate, clamp);
+  unused slots are zero, which the op turns into an exact no-op;
+* ``norm_flags[slot, row]``: rescale the token to its norm before the layer's operators;
+* ``general[slot, row]``: the row uses projections or the norm rescale at this layer;
+* ``rows[token]``: the table row each flattened token of the step uses.
 
-The op adds ``tables[slot].index_select(0, rows[:n])`` after the layer, so its cost does
-not depend on how many distinct configs share a batch. All per-token work here is
-vectorised numpy on the host; the only per-request Python is the config lookup.
+Tables grow only by what the operators need: ``proj_dirs`` is ``K`` times the add table
+(``K = VSTEER_MAX_PROJECTIONS``, default 2; 0 turns ablate/clamp off). The op gathers
+rows per token, so its cost does not depend on how many distinct configs share a batch.
+All per-token work here is vectorised numpy on the host; the only per-request Python is
+the config lookup.
 """
 
 from __future__ import annotations
@@ -32,43 +39,62 @@ class SteeringTables:
     """Persistent steering buffers for one worker, and the per-step update of them."""
 
     def __init__(self, layers: list[int], hidden_size: int, *, max_configs: int, max_tokens: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, max_projections: int = 2):
         self.layers = list(layers)
         self.slot_of: dict[int, int] = {layer: slot for slot, layer in enumerate(self.layers)}
         self.hidden_size, self.max_configs, self.max_tokens = hidden_size, max_configs, max_tokens
+        self.max_projections = max_projections
         self.dtype, self.device = dtype, torch.device(device)
-        self.tables = torch.zeros(len(self.layers), max_configs + 1, hidden_size, dtype=dtype, device=self.device)
+        slots, rows = len(self.layers), max_configs + 1
+        self.tables = torch.zeros(slots, rows, hidden_size, dtype=dtype, device=self.device)
+        self.proj_dirs = torch.zeros(slots, rows, max_projections, hidden_size, dtype=dtype, device=self.device)
+        self.proj_targets = torch.zeros(slots, rows, max_projections, dtype=torch.float32, device=self.device)
+        self.norm_flags = torch.zeros(slots, rows, dtype=torch.bool, device=self.device)
+        self.general = torch.zeros(slots, rows, dtype=torch.bool, device=self.device)
         self.rows = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)
         if self.device.type == "cpu":  # the host view is the buffer itself
             self._rows_host = self.rows.numpy()
         else:  # pinned staging, copied asynchronously like vLLM's own CpuGpuBuffers
             self._rows_pinned = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=True)
             self._rows_host = self._rows_pinned.numpy()
-        # Read by the op's eager fast path; ignored while a CUDA graph is being captured.
-        self.layer_active: list[bool] = [False] * len(self.layers)
+        # Read by the op's eager fast paths; ignored while a CUDA graph is being captured.
+        self.layer_active: list[bool] = [False] * slots
+        self.general_active: list[bool] = [False] * slots
         self._dirty_tokens = 0
         self._resident: OrderedDict[str, int] = OrderedDict()   # fingerprint -> row, LRU order
         self._free_rows = list(range(max_configs, 0, -1))
-        self._dense: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
+        self._row_slots: dict[int, tuple[frozenset[int], frozenset[int]]] = {}  # row -> (active, general) slots
 
     # -- configs -> table rows -------------------------------------------------------
-    def _dense_for(self, resolved: ResolvedSteering) -> tuple[torch.Tensor, list[int]]:
-        """[slots, hidden] on the host (zeros where the config does not steer). Kept off the
-        device: vLLM sized its KV cache before these exist; only table rows live there."""
-        hit = self._dense.get(resolved.fingerprint)
-        if hit is None:
-            dense = torch.zeros(len(self.layers), self.hidden_size, dtype=torch.float32)
-            slots = []
-            for layer, vec in resolved.layer_vectors.items():
-                slot = self.slot_of.get(layer)
-                if slot is not None:  # layers of another pipeline stage are steered there
-                    dense[slot] = vec
-                    slots.append(slot)
-            hit = (dense.to(dtype=self.dtype), slots)
-            self._dense[resolved.fingerprint] = hit
-            if len(self._dense) > 4 * self.max_configs:
-                self._dense.popitem(last=False)
-        return hit
+    def _write_row(self, row: int, resolved: ResolvedSteering) -> None:
+        """Write one config's plans into ``row`` (layers of another pipeline stage are
+        steered there and skipped here)."""
+        active, general = set(), set()
+        self.tables[:, row].zero_()
+        self.proj_dirs[:, row].zero_()
+        self.proj_targets[:, row].zero_()
+        self.norm_flags[:, row] = False
+        self.general[:, row] = False
+        for layer, plan in resolved.plans().items():
+            slot = self.slot_of.get(layer)
+            if slot is None:
+                continue
+            active.add(slot)
+            if plan.add is not None:
+                self.tables[slot, row].copy_(plan.add.to(self.dtype))
+            k = plan.num_directions
+            if k > self.max_projections:
+                raise RuntimeError(f"{k} projection directions at layer {layer}, tables hold "
+                                   f"{self.max_projections} (VSTEER_MAX_PROJECTIONS)")
+            if k:
+                self.proj_dirs[slot, row, :k].copy_(plan.directions.to(self.dtype))
+                self.proj_targets[slot, row, :k].copy_(plan.targets)
+            if plan.preserve_norm:
+                self.norm_flags[slot, row] = True
+            if k or plan.preserve_norm:
+                self.general[slot, row] = True
+                general.add(slot)
+        self._row_slots[row] = (frozenset(active), frozenset(general))
 
     def assign_rows(self, configs: dict[str, ResolvedSteering]) -> dict[str, int]:
         """Make every config of this step resident in a table row; write only new ones."""
@@ -87,14 +113,18 @@ class SteeringTables:
                 victim = next(v for v in self._resident if v not in configs)
                 self._free_rows.append(self._resident.pop(victim))
             row = self._free_rows.pop()
-            self.tables[:, row].copy_(self._dense_for(resolved)[0])
+            self._write_row(row, resolved)
             self._resident[fp] = row
             out[fp] = row
         active = [False] * len(self.layers)
-        for fp, resolved in configs.items():
-            for slot in self._dense_for(resolved)[1]:
+        general = [False] * len(self.layers)
+        for row in out.values():
+            row_active, row_general = self._row_slots[row]
+            for slot in row_active:
                 active[slot] = True
-        self.layer_active = active
+            for slot in row_general:
+                general[slot] = True
+        self.layer_active, self.general_active = active, general
         return out
 
     # -- tokens -> rows ----------------------------------------------------------------
@@ -128,3 +158,9 @@ class SteeringTables:
                 self.rows[: self._dirty_tokens].zero_()
             self._dirty_tokens = 0
         self.layer_active = [False] * len(self.layers)
+        self.general_active = [False] * len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.tables, self.proj_dirs, self.proj_targets,
+                                                           self.norm_flags, self.general, self.rows))

@@ -12,7 +12,6 @@ Version-specific paths come from ``vsteer.serving.compat``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import sys
@@ -45,14 +44,29 @@ class Patch:
 
 def _table() -> tuple[Patch, ...]:
     c = compat_entry()
+    op = c.output_processor
     return (
+        # front-end: validate, pin, salt, count (frontend); hold leases for each request's lifetime (lifetimes)
         Patch(f"{c.input_processor}.process_inputs", "vsteer.serving.frontend:process_inputs_wrapper",
               ("self", "request_id", "prompt", "params")),
+        Patch(f"{op}.add_request", "vsteer.serving.lifetimes:add_request_wrapper", ("self", "request")),
+        Patch(f"{op}._finish_request", "vsteer.serving.lifetimes:finish_request_wrapper", ("self", "req_state")),
+        Patch(f"{op}.abort_requests", "vsteer.serving.lifetimes:abort_requests_wrapper", ("self", "request_ids")),
+        Patch(f"{op}._update_stats_from_finished", "vsteer.serving.lifetimes:finished_stats_wrapper",
+              ("self", "req_state", "finish_reason")),
+        # engine core: refuse (with a request error) what cannot be steered (failures)
+        Patch(f"{c.engine_core}.preprocess_add_request", "vsteer.serving.failures:admission_wrapper",
+              ("self", "request")),
+        Patch(f"{c.scheduler}.update_from_output", "vsteer.serving.failures:update_from_output_wrapper",
+              ("self", "scheduler_output", "model_runner_output")),
+        # workers: hook the layers, fill the tables each step (worker)
         Patch(f"{c.worker}.load_model", "vsteer.serving.worker:load_model_wrapper", ("self",)),
         Patch(f"{c.worker}.vsteer_stats", "vsteer.serving.worker:vsteer_stats", add=True),
         Patch(f"{c.model_runner}._prepare_inputs", "vsteer.serving.worker:prepare_inputs_wrapper",
               ("self", "scheduler_output", "num_scheduled_tokens")),
         Patch(f"{c.model_runner}._dummy_run", "vsteer.serving.worker:dummy_run_wrapper", ("self",)),
+        Patch(f"{c.model_runner}.execute_model", "vsteer.serving.worker:timed_wrapper", ("self",)),
+        Patch(f"{c.model_runner}.sample_tokens", "vsteer.serving.failures:sample_tokens_wrapper", ("self",)),
         Patch(c.compile_hash, "vsteer.serving.worker:compile_hash_wrapper", ("vllm_config",), optional=True),
         *(Patch(f"{cls}.to_sampling_params", "vsteer.serving.http.request_fields:to_sampling_params_wrapper",
                 ("self",)) for cls in c.request_classes),
@@ -191,10 +205,4 @@ def check_runner_fields(runner: Any) -> None:
                                    "(docs/vllm.md) or set VSTEER_DISABLE=1.")
 
 
-def unwrapped(fn: Any) -> Any:
-    """The original behind a vsteer wrapper (``functools.wraps`` sets ``__wrapped__``)."""
-    return getattr(fn, "__wrapped__", fn)
-
-
-__all__ = ["Patch", "apply", "check", "check_runner_fields", "in_api_server", "problems", "unwrapped", "wrap",
-           "functools"]
+__all__ = ["Patch", "apply", "check", "check_runner_fields", "in_api_server", "problems", "wrap"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from vsteer.engine.errors import SteeringError
@@ -45,20 +46,9 @@ def find_vllm_decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
         raise RuntimeError(f"vsteer: {e}") from None
 
 
-def _selected_layers(available: dict[int, nn.Module]) -> list[int]:
-    spec = (settings().layers or "").strip()
-    if not spec or spec == "all":
-        return sorted(available)
-    wanted = {int(x) for x in spec.split(",") if x.strip()}
-    return sorted(layer for layer in available if layer in wanted)
-
-
 def _make_hook(layer: int):
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        # vLLM blocks return (hidden_states, residual) with the stream = their sum, or the
-        # stream itself (GPT-2): adding to the first tensor adds to the residual stream.
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        torch.ops.vsteer.add_steering_(hidden, layer)
+        ops.hook_output(output, layer)  # in place; the output object is unchanged
         return output
     return hook
 
@@ -69,23 +59,35 @@ class WorkerSteering:
     def __init__(self, runner: Any):
         model = runner.get_model()
         blocks = find_vllm_decoder_layers(model)
-        layers = _selected_layers(blocks)
+        s = settings()
+        steerable = s.steerable_layers
+        layers = sorted(layer for layer in blocks if steerable is None or layer in steerable)
         mc = runner.model_config
         self.hidden_size = mc.get_hidden_size()
         self.num_layers = mc.get_total_num_hidden_layers()
         self.tables = SteeringTables(layers, self.hidden_size, max_configs=runner.max_num_reqs,
-                                     max_tokens=runner.max_num_tokens, dtype=runner.dtype, device=runner.device)
-        root = settings().vectors_dir
-        self.resolver = SteeringResolver(VectorRegistry(root) if root else None, hidden_size=self.hidden_size,
-                                         num_layers=self.num_layers)
+                                     max_tokens=runner.max_num_tokens, dtype=runner.dtype, device=runner.device,
+                                     max_projections=s.max_projections)
+        if s.vectors_dir is not None and not Path(s.vectors_dir).is_dir():
+            # Never serve unsteered because this node lacks the volume: fail the start.
+            raise RuntimeError(f"vsteer: VSTEER_VECTORS_DIR={s.vectors_dir} does not exist on this worker "
+                               f"(host {socket.gethostname()}); mount the vector registry at the same path on "
+                               "every node (docs/scale-out.md)")
+        self.resolver = SteeringResolver(VectorRegistry(s.vectors_dir) if s.vectors_dir else None,
+                                         hidden_size=self.hidden_size, num_layers=self.num_layers,
+                                         steerable=steerable, dtype=runner.dtype)
         self._requests: dict[str, tuple[ResolvedSteering, int] | None] = {}
+        self.failed: set[str] = set()
+        """Requests this worker could not steer since the last model output: they finish
+        with an error (``vsteer.serving.failures``), never as an unsteered success."""
         self.stats = {"steps": 0, "steered_steps": 0, "steered_tokens": 0, "build_seconds": 0.0,
-                      "configs_per_step": [], "resolve_failures": 0}
+                      "step_seconds": 0.0, "configs_per_step": [], "resolve_failures": 0}
         for layer in layers:
             blocks[layer].register_forward_hook(_make_hook(layer))
         ops.set_tables(self.tables)
-        logger.info("vsteer: steering hooks on %d decoder layers (%s), table %s", len(layers),
-                    f"{layers[0]}..{layers[-1]}" if layers else "none", tuple(self.tables.tables.shape))
+        logger.info("vsteer: steering hooks on %d decoder layers (%s), tables %.1f MiB (%d projection slots)",
+                    len(layers), f"{layers[0]}..{layers[-1]}" if layers else "none",
+                    self.tables.nbytes / 2**20, s.max_projections)
 
     def _lookup(self, req_id: str, request_state: Any) -> tuple[ResolvedSteering, int] | None:
         if req_id in self._requests:
@@ -100,9 +102,10 @@ class WorkerSteering:
                 resolved = self.resolver.resolve(spec, versions=pins.get("versions"))
                 if resolved is not None:
                     entry = (resolved, POSITION_CODES[resolved.positions])
-            except (SteeringError, OSError) as e:  # the pinned version was pruned or removed by hand
+            except (SteeringError, OSError) as e:  # the pinned version vanished (deleted by hand?)
                 self.stats["resolve_failures"] += 1
-                logger.error("vsteer: request %s runs unsteered: %s", req_id, e)
+                self.failed.add(req_id)
+                logger.error("vsteer: request %s cannot be steered and will fail: %s", req_id, e)
         self._requests[req_id] = entry
         return entry
 
@@ -148,6 +151,10 @@ class WorkerSteering:
             del self.stats["configs_per_step"][:5000]
         self.stats["build_seconds"] += time.perf_counter() - t0
 
+    def take_failed(self) -> set[str]:
+        failed, self.failed = self.failed, set()
+        return failed
+
 
 def load_model_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     """``Worker.load_model``: after the model loads, hook its decoder layers."""
@@ -175,6 +182,24 @@ def prepare_inputs_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         return out
 
     return _prepare_inputs
+
+
+def timed_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``GPUModelRunner.execute_model`` / ``sample_tokens``: time spent in model steps (the
+    denominator of the table-build share; host time, so on GPU with async scheduling it
+    is a lower bound)."""
+
+    @functools.wraps(original)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            state = getattr(self, "_vsteer", None)
+            if state is not None:
+                state.stats["step_seconds"] += time.perf_counter() - t0
+
+    return timed
 
 
 def dummy_run_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,6 +4,8 @@ the set is overwritten or deleted while the request waits."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from vsteer.engine import SteeringError, SteeringResolver, SteeringVectorSet, VectorRegistry
 from vsteer.engine.errors import VersionGoneError
-from vsteer.engine.registry import VERSIONS_DIR
+from vsteer.engine.registry import VERSIONS_DIR, vector_cache
 
 H, L = 16, 6
 SPEC = {"vectors": [{"name": "v", "strength": 2.0}]}
@@ -51,29 +53,64 @@ def test_delete_keeps_the_validated_content_for_pinned_requests(tmp_path):
     assert VectorRegistry(tmp_path).names() == []  # kept versions are not names
 
 
-def test_pruned_version_is_a_clear_error(tmp_path):
-    reg = VectorRegistry(tmp_path, retain_seconds=0)
+def test_pruned_version_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSTEER_LEASE_GRACE_S", "0.05")
+    reg = VectorRegistry(tmp_path)
     reg.add("v", _set(1.0))
     validated = SteeringResolver(reg, hidden_size=H, num_layers=L).resolve(SPEC)
     reg.add("v", _set(2.0), overwrite=True)
-    time.sleep(0.01)
-    reg.add("v", _set(3.0), overwrite=True)  # prunes what retention no longer covers
+    time.sleep(0.1)
+    reg.add("v", _set(3.0), overwrite=True)  # prunes what no lease and no grace period covers
+    vector_cache().clear()  # a fresh worker process has nothing cached
     worker = SteeringResolver(VectorRegistry(tmp_path), hidden_size=H, num_layers=L)
     with pytest.raises(SteeringError) as e:
         worker.resolve(SPEC, versions=validated.versions)
     assert e.value.reason == "vector_version_gone" and "neither current nor kept" in e.value.message
 
 
-def test_retention_counts_from_replacement(tmp_path):
-    reg = VectorRegistry(tmp_path, retain_seconds=60)
+def test_a_leased_version_outlives_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSTEER_LEASE_GRACE_S", "0.2")
+    reg = VectorRegistry(tmp_path)
     reg.add("v", _set(1.0))
     sha1 = reg.load_with_hash("v")[1]
+    reg.leases.acquire("v", sha1)  # an accepted request pins it
     reg.add("v", _set(2.0), overwrite=True)
     kept = tmp_path / VERSIONS_DIR / "v" / sha1
+    time.sleep(0.5)  # past the grace period: only the lease keeps it (heartbeats refresh it)
+    with reg.write_lock():
+        assert reg.prune_versions() == 0
     assert kept.is_dir()
-    assert reg.prune_versions() == 0
-    os.utime(kept, (time.time() - 120, time.time() - 120))
-    assert reg.prune_versions() == 1 and not kept.exists()
+    reg.leases.release("v", sha1)  # the request finished: the grace period starts now
+    with reg.write_lock():
+        assert reg.prune_versions() == 0
+    time.sleep(0.3)
+    with reg.write_lock():
+        assert reg.prune_versions() == 1
+    assert not kept.exists()
+
+
+def test_a_lease_held_by_another_process_keeps_the_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSTEER_LEASE_GRACE_S", "0.3")
+    reg = VectorRegistry(tmp_path)
+    reg.add("v", _set(1.0))
+    sha1 = reg.load_with_hash("v")[1]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from vsteer.engine.leases import LeaseKeeper;"
+        f"k = LeaseKeeper.for_root(Path({str(tmp_path / '.leases')!r})); k.acquire('v', {sha1!r});"
+        "print('held', flush=True); sys.stdin.readline()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "VSTEER_LEASE_GRACE_S": "0.3"}, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        reg.add("v", _set(2.0), overwrite=True)
+        time.sleep(0.8)
+        with reg.write_lock():
+            assert reg.prune_versions() == 0
+        assert (tmp_path / VERSIONS_DIR / "v" / sha1).is_dir()
+    finally:
+        holder.communicate("\n", timeout=30)
+    time.sleep(0.5)  # the holder is gone: its lease file ages out
+    with reg.write_lock():
+        assert reg.prune_versions() == 1
 
 
 def test_pinned_hash_is_checked(tmp_path):

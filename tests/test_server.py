@@ -98,6 +98,10 @@ def _chat_request(**extra):
                                                  **extra})
 
 
+def without_pins(extra: dict | None) -> dict | None:
+    return {k: v for k, v in extra.items() if k != "vsteer"} if extra is not None else None
+
+
 def test_request_field_and_default_semantics(patched_requests):
     from vsteer.serving.frontend import InvalidSteering
 
@@ -108,12 +112,15 @@ def test_request_field_and_default_semantics(patched_requests):
     # no field, no default: exactly what vLLM builds
     assert _chat_request().to_sampling_params(8, {}).extra_args is None
     assert _chat_request(vllm_xargs={"k": 1}).to_sampling_params(8, {}).extra_args == {"k": 1}
-    sp = _chat_request(steering=spec, vllm_xargs={"k": 1}).to_sampling_params(8, {})
+    sp = _chat_request(steering=spec, vllm_xargs={"k": 1, "vsteer": "forged"}
+                       ).to_sampling_params(8, {})
+    pins = sp.extra_args.pop("vsteer")  # the server's own resolution, sealed; the client's value is dropped
     assert sp.extra_args == {"k": 1, "steering": {"vectors": [{"name": "formal", "strength": 2.0}],
                                                   "positions": "generated"}}
+    assert set(pins) == {"fingerprint", "versions", "seal"}
     op.set_default_steering(default)
-    assert _chat_request().to_sampling_params(8, {}).extra_args == {
-        "steering": {"vectors": [{"name": "happy", "strength": 1.0}], "positions": "all"}}
+    assert without_pins(_chat_request().to_sampling_params(8, {}).extra_args) == {
+        "steering": {"vectors": [{"name": "happy", "strength": 1.0}]}}
     assert _chat_request(steering=spec).to_sampling_params(8, {}).extra_args["steering"]["vectors"][0][
         "name"] == "formal"
     assert _chat_request(steering=None).to_sampling_params(8, {}).extra_args is None
@@ -131,6 +138,9 @@ def test_default_steering_file(tmp_path):
     f = tmp_path / "d.json"
     f.write_text(json.dumps({"vectors": [{"name": "formal", "strength": 3}], "positions": "prompt"}))
     assert load_default_steering(str(f)) == {"vectors": [{"name": "formal", "strength": 3.0}], "positions": "prompt"}
+    f.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_default_steering(str(f))
     f.write_text(json.dumps({"steering": {"vectors": []}}))
     assert load_default_steering(str(f)) is None
     f.write_text(json.dumps({"vectors": [{"name": "formal", "strength": 1e9}]}))
@@ -162,7 +172,7 @@ def test_worker_counters_are_monotonic():
     from vsteer.serving import metrics
 
     def value(name):
-        return REGISTRY.get_sample_value(name) or 0.0
+        return REGISTRY.get_sample_value(name, {"model_name": ""}) or 0.0
 
     names = ("vsteer_steps_total", "vsteer_steered_tokens_total", "vsteer_step_configs_sum",
              "vsteer_step_configs_count")
@@ -421,6 +431,8 @@ def _scrape(server) -> dict[tuple[str, tuple], float]:
 
 
 def _m(scrape, name: str, **labels) -> float:
+    if name.startswith("vsteer_"):  # every vsteer series carries the served model's name
+        labels = {"model_name": MODEL, **labels}
     return scrape.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -434,7 +446,7 @@ BAD = [  # (steering, reason, param, words in the message)
     ({"vectors": [{"name": "formal", "strength": 1.0, "layers": [9]}]}, "unknown_layer",
      "steering.vectors[0].layers", ["[9]", "[8, 10, 12]"]),
     ({"vectors": [{"name": "x", "strength": 1.0, "data": {"40": encode_inline(torch.ones(HIDDEN))}}]},
-     "layer_out_of_range", "steering.vectors[0].layers", ["0..29"]),
+     "layer_out_of_range", "steering.vectors[0].data", ["0..29"]),
     ({"vectors": [{"name": "formal", "strength": 1e6}]}, "strength_out_of_bounds",
      "steering.vectors[0].strength", ["1000"]),
     ({"vectors": [{"name": "formal", "strength": 1.0}] * 17}, "too_many_vectors", "steering.vectors", ["16"]),
@@ -470,7 +482,7 @@ def test_bad_steering_is_a_400_naming_the_field(server):
                    extra_body={"steering": steering})
         err = e.value.body if isinstance(e.value.body, dict) and "message" in e.value.body else \
             e.value.response.json()["error"]
-        assert e.value.status_code == 400 and err["type"] == "BadRequestError" and err["code"] == 400, err
+        assert e.value.status_code == 400 and err["type"] == "BadRequestError" and err["code"] == reason, err
         assert err["param"] == param, (reason, err)
         for word in words:
             assert word in err["message"], (reason, err["message"])

@@ -56,9 +56,9 @@ def test_no_steering(resolver, empty):
     ({"vectors": [{"name": "happy", "strength": math.nan}]}, "steering.vectors[0].strength", "non_finite_strength"),
     ({"vectors": [{"name": "happy", "strength": math.inf}]}, "steering.vectors[0].strength", "non_finite_strength"),
     ({"vectors": [{"name": "happy", "strength": 1e9}]}, "steering.vectors[0].strength", "strength_out_of_bounds"),
-    ({"vectors": [{"name": "../etc/passwd"}]}, "steering.vectors[0].name", "string_pattern_mismatch"),
+    ({"vectors": [{"name": "../etc/passwd"}]}, "steering.vectors[0].name", "invalid_name"),
     ({"vectors": [{"name": "happy", "layers": [2]}]}, "steering.vectors[0].layers", "unknown_layer"),
-    ({"vectors": [{"name": "happy"}], "positions": "middle"}, "steering.positions", "literal_error"),
+    ({"vectors": [{"name": "happy"}], "positions": "middle"}, "steering.positions", "invalid_value"),
     ({"vectors": [{"name": "happy", "bogus": 1}]}, "steering.vectors[0].bogus", "unknown_field"),
     ({"vectors": [{"name": "happy"}] * (MAX_VECTORS + 1)}, "steering.vectors", "too_many_vectors"),
 ])

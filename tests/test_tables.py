@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from vsteer.engine.positions import POSITION_CODES
-from vsteer.engine.resolver import ResolvedSteering
+from vsteer.engine.resolver import ResolvedSteering, SteeringResolver, encode_inline
 from vsteer.serving.tables import SteeringTables, steered_token_mask
 
 
 def _resolved(fp: str, layers: dict[int, float], positions: str = "all") -> ResolvedSteering:
-    return ResolvedSteering(positions, {layer: torch.full((4,), value) for layer, value in layers.items()}, fp)
+    """A real resolution of inline vectors: ``value`` at every element of each layer."""
+    resolver = SteeringResolver(None, hidden_size=4, num_layers=16)
+    return resolver.resolve({"vectors": [{"name": fp, "data": {layer: encode_inline(torch.full((4,), value))}}
+                                         for layer, value in layers.items()], "positions": positions})
 
 
 @pytest.mark.parametrize("mode,expected", [

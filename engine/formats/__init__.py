@@ -29,6 +29,7 @@ from .native import (
     load_vector_set,
     read_metadata,
     save_vector_set,
+    set_sha256,
 )
 from .seed import load_seed_format, save_seed_format
 
@@ -77,5 +78,5 @@ def load_any(path: str | os.PathLike, *, expect_hidden_size: int | None = None, 
 __all__ = [
     "FORMATS", "METADATA_FILE", "TENSORS_FILE", "VectorFileError", "VectorFormat", "check_compatible",
     "content_sha256", "detect_format", "get_format", "load_any", "load_control_vector_gguf", "load_seed_format",
-    "load_vector_set", "read_metadata", "save_control_vector_gguf", "save_seed_format", "save_vector_set",
+    "load_vector_set", "read_metadata", "save_control_vector_gguf", "save_seed_format", "save_vector_set", "set_sha256",
 ]

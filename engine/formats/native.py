@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from datetime import datetime, timezone
@@ -29,14 +30,31 @@ METADATA_FILE = "vsteer.json"
 _TENSOR_NAME = re.compile(r"^layer\.(\d+)$")
 
 
-def content_sha256(vectors: dict[int, torch.Tensor]) -> str:
-    """Hash of the tensor content, independent of how safetensors lays out the file."""
+def content_sha256(vectors: dict[int, torch.Tensor], residual_norms: dict[int, float] | None = None,
+                   recommended: dict[str, Any] | None = None) -> str:
+    """Hash of everything that decides how the set steers: the tensor content (independent
+    of how safetensors lays out the file) and, when present, the residual norms (the unit
+    of relative strengths) and the recorded recipe. Sets without those hash their tensors
+    alone, as files of format version 1 always did."""
     h = hashlib.sha256()
     for layer in sorted(vectors):
         t = vectors[layer].detach().to("cpu", torch.float32).contiguous()
         h.update(f"layer.{layer}:{t.numel()}:".encode())
         h.update(t.numpy().astype("<f4").tobytes())
+    if residual_norms:
+        h.update(b"residual_norms:" + json.dumps(_rounded(residual_norms), sort_keys=True).encode())
+    if recommended:
+        h.update(b"recommended:" + json.dumps(recommended, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _rounded(norms: dict[int, float]) -> dict[str, float]:
+    return {str(k): round(float(v), 6) for k, v in sorted(norms.items())}
+
+
+def set_sha256(vs: SteeringVectorSet) -> str:
+    """The ``sha256`` a set's ``vsteer.json`` records (its version in a registry)."""
+    return content_sha256(vs.vectors, vs.residual_norms, vs.recommended)
 
 
 def vector_set_metadata(vs: SteeringVectorSet) -> dict[str, Any]:
@@ -54,7 +72,9 @@ def vector_set_metadata(vs: SteeringVectorSet) -> dict[str, Any]:
         "params": vs.params,
         "provenance": vs.provenance,
         "norms": {str(k): round(v, 6) for k, v in vs.norms().items()},
-        "sha256": content_sha256(vs.vectors),
+        "residual_norms": _rounded(vs.residual_norms),
+        "recommended": vs.recommended,
+        "sha256": set_sha256(vs),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -141,14 +161,49 @@ def load_vector_set(directory: str | os.PathLike, *, expect_hidden_size: int | N
             raise VectorFileError(str(e)) from e
     if sorted(vectors) != sorted(meta["layers"]):
         raise VectorFileError(f"{tpath}: holds layers {sorted(vectors)}, metadata says {meta['layers']}")
-    if content_sha256(vectors) != meta["sha256"]:
+    stored_norms = _norms_of(meta.get("residual_norms"), d)
+    recommended = check_recommended(meta.get("recommended"), d)
+    if content_sha256(vectors, stored_norms, recommended) != meta["sha256"]:
         raise VectorFileError(f"{d}: content hash mismatch: the tensors were changed after the metadata was "
                               "written (tampered or half-written file)")
+    provenance = meta.get("provenance") or {}
     return SteeringVectorSet(
         behaviour=meta["behaviour"], vectors=vectors, model_id=meta.get("model_id") or "",
         num_layers=meta.get("num_layers"), method=meta.get("method", "caa"),
-        params=meta.get("params") or {}, provenance=meta.get("provenance") or {},
+        params=meta.get("params") or {}, provenance=provenance,
+        residual_norms=stored_norms,
+        recommended=recommended,
     )
+
+
+def _norms_of(raw: Any, where: Path) -> dict[int, float]:
+    try:
+        return {int(k): float(v) for k, v in (raw or {}).items() if v is not None}
+    except (AttributeError, TypeError, ValueError):
+        raise VectorFileError(f"{where}: residual_norms must map layers to numbers") from None
+
+
+_RECIPE_KEYS = {"strength", "layers", "unit", "norm", "positions"}
+
+
+def check_recommended(recipe: Any, where: Path | str) -> dict[str, Any] | None:
+    """A recorded recipe must hold only what a request could say (files can be uploaded)."""
+    if recipe is None:
+        return None
+    from ..positions import POSITIONS
+
+    ok = isinstance(recipe, dict) and set(recipe) <= _RECIPE_KEYS
+    if ok and "strength" in recipe:
+        ok = isinstance(recipe["strength"], (int, float)) and math.isfinite(recipe["strength"])
+    if ok and "layers" in recipe:
+        ok = isinstance(recipe["layers"], list) and bool(recipe["layers"]) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in recipe["layers"])
+    ok = ok and recipe.get("unit", "raw") in ("raw", "relative") and recipe.get("norm", "keep") in ("keep", "preserve")
+    ok = ok and recipe.get("positions", "all") in POSITIONS
+    if not ok:
+        raise VectorFileError(f"{where}: 'recommended' must be an object of strength (number), layers (list of "
+                              "ints), unit (raw|relative), norm (keep|preserve), positions")
+    return dict(recipe)
 
 
 def detect(path: Path) -> bool:

@@ -101,12 +101,25 @@ def install(app: FastAPI, args: Any, model_config: Any) -> FastAPI:
     config = get_config()
     st = create_state(args, model_config, config)
     state_module.set_current(st)
+    metrics.set_model_name(st.model_name)
+    _clean_registry(st.registry)
     app.state.vsteer = st
     app.include_router(router)
     _add_outer_middleware(app, SteeringMiddleware, state=st)
     metrics.update_registry_size(st.registry)
     _banner(st, args)
     return app
+
+
+def _clean_registry(reg: VectorRegistry | None) -> None:
+    """Remove what a crashed writer left behind (taking the write lock does that)."""
+    if reg is None:
+        return
+    try:
+        with reg.write_lock():
+            pass
+    except OSError as e:  # a read-only volume: this server will not write either
+        logger.warning("vsteer: cannot lock the vector directory %s (%s); the admin routes will fail", reg.root, e)
 
 
 def _banner(st: ServerState, args: Any) -> None:

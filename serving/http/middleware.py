@@ -12,6 +12,8 @@ from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 
+from vsteer.engine.errors import SteeringError
+
 from .. import metrics
 from ..keys import (
     ADMIN_KEY_HEADER,
@@ -21,7 +23,28 @@ from ..keys import (
     STEERING_KEY,
     VECTORS_PATH,
 )
-from .state import RESPONSE_INFO, ServerState
+from ..request_context import EARLY, NOT_APPLIED, REJECTION, RESPONSE_INFO, spec_key
+from .state import ServerState
+
+EARLY_RESOLVE_MAX_BYTES = 64 << 20
+"""Bodies larger than this are not pre-read; their steering is resolved in the handler."""
+
+
+def _replay(chunks: list[bytes], pending: dict[str, Any] | None, receive: Any, *, more: bool = False) -> Any:
+    """A ``receive`` that first yields what was already read (``more``: the body goes on),
+    then ``pending`` (a message read after the body, e.g. a disconnect), then the real one."""
+    queue: list[dict[str, Any]] = []
+    if chunks or pending is None:
+        queue.append({"type": "http.request", "body": b"".join(chunks), "more_body": more or pending is not None})
+    if pending is not None:
+        queue.append(pending)
+
+    async def replay() -> dict[str, Any]:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replay
 
 
 def _presented_keys(headers: Headers) -> list[str]:
@@ -69,10 +92,53 @@ class SteeringMiddleware:
             info: dict[str, Any] = {}
             token = RESPONSE_INFO.set(info)
             try:
+                receive = await self._resolve_early(receive, info)
                 return await self.app(scope, receive, self._wrap_send(send, info))
             finally:
                 RESPONSE_INFO.reset(token)
         return await self.app(scope, receive, send)
+
+    async def _resolve_early(self, receive: Any, info: dict[str, Any]) -> Any:
+        """Read the body, and when it carries steering (or a default applies), resolve it in
+        a thread: decoding inline vectors and loading sets must not block the event loop.
+        The request handler (``request_fields``) then reuses the result. Returns a
+        ``receive`` that replays the body to vLLM."""
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let vLLM see it
+                return _replay(chunks, message, receive)
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if not message.get("more_body", False) or total > EARLY_RESOLVE_MAX_BYTES:
+                break
+        body = b"".join(chunks)
+        more = total > EARLY_RESOLVE_MAX_BYTES
+        if not more and (STEERING_KEY.encode() in body or self.state.default_steering is not None):
+            early = await asyncio.to_thread(self._resolve_body, body)
+            if early is not None:
+                info[EARLY] = early
+        return _replay([body], None, receive, more=more)
+
+    def _resolve_body(self, body: bytes) -> tuple[str, Any] | None:
+        from .request_fields import requested_steering
+
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError):
+            return None  # vLLM answers malformed bodies itself
+        if not isinstance(request, dict):
+            return None
+        mentioned, spec, _ = requested_steering(request)
+        if not mentioned:
+            return None
+        try:
+            return spec_key(spec), self.state.resolver.resolve(spec)
+        except SteeringError as e:
+            return spec_key(spec), e
+        except (RecursionError, ValueError, TypeError):
+            return None
 
     def _engine_client(self, scope: dict[str, Any]) -> Any:
         app = scope.get("app")
@@ -104,34 +170,34 @@ class SteeringMiddleware:
         return scope
 
     def _wrap_send(self, send: Any, info: dict[str, Any]) -> Any:
+        """Add the steering headers to successful responses and, in JSON bodies, the
+        ``steering`` field (or the reason ``code`` to a refused request's error)."""
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
 
         async def wrapped(message: dict[str, Any]) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                described = info.get(STEERING_KEY)
-                if described is None or message.get("status") != 200:
-                    return await send(message)
+                status = message.get("status")
                 headers = MutableHeaders(scope=message)
-                headers[FINGERPRINT_HEADER] = described["fingerprint"]
-                headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
-                if headers.get("content-type", "").startswith("application/json"):
-                    held["start"] = message  # add the body field once the body is complete
+                is_json = headers.get("content-type", "").startswith("application/json")
+                if status == 200 and (STEERING_KEY in info or NOT_APPLIED in info):
+                    described = info.get(STEERING_KEY)
+                    if described is not None:
+                        headers[FINGERPRINT_HEADER] = described["fingerprint"]
+                    headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
+                    held["edit"] = _add_steering_field
+                elif status == 400 and REJECTION in info:
+                    held["edit"] = _add_reason_code
+                if is_json and "edit" in held:
+                    held["start"] = message  # edit the body once it is complete
                     return None
                 return await send(message)
             if kind == "http.response.body" and "start" in held:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return None
-                body = b"".join(chunks)
-                try:
-                    obj = json.loads(body)
-                    if isinstance(obj, dict):
-                        obj[STEERING_KEY] = info[STEERING_KEY]
-                        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
+                body = held["edit"](b"".join(chunks), info)
                 start = held.pop("start")
                 MutableHeaders(scope=start)["content-length"] = str(len(body))
                 await send(start)
@@ -139,3 +205,29 @@ class SteeringMiddleware:
             return await send(message)
 
         return wrapped
+
+
+def _edit_json(body: bytes, edit: Any) -> bytes:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if not isinstance(obj, dict) or not edit(obj):
+        return body
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _add_steering_field(body: bytes, info: dict[str, Any]) -> bytes:
+    return _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, info.get(STEERING_KEY)) or True)
+
+
+def _add_reason_code(body: bytes, info: dict[str, Any]) -> bytes:
+    """vLLM's 400 body has ``code: 400``; put the machine-readable reason there, as the
+    OpenAI API does (``"code": "unknown_vector"``)."""
+    def edit(obj: dict[str, Any]) -> bool:
+        error = obj.get("error")
+        if not isinstance(error, dict):
+            return False
+        error["code"] = info[REJECTION]
+        return True
+    return _edit_json(body, edit)

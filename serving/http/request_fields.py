@@ -28,40 +28,50 @@ from vsteer.engine.errors import SteeringError
 from vsteer.engine.resolver import ResolvedSteering
 from vsteer.engine.spec import SteeringSpec
 
-from .. import metrics
-from ..frontend import InvalidSteering
+from .. import metrics, request_context
+from ..frontend import InvalidSteering, seal
 from ..keys import PINS_KEY, STEERING_KEY
 from . import state
 
 
 def _invalid(err: SteeringError) -> Exception:
     metrics.record_rejection(err.reason)
+    request_context.note(request_context.REJECTION, err.reason)
     return InvalidSteering(err)
 
 
 def resolve_http(spec: Any) -> ResolvedSteering | None:
-    """Resolve against the served model (raises ``InvalidSteering``). Before the server
+    """Resolve against the served model (raises ``InvalidSteering``), reusing what the
+    middleware resolved off the event loop for this HTTP request. Before the server
     state exists only the model-free checks run; the engine checks the rest."""
     st = state.current()
     try:
         if st is None:
             SteeringSpec.parse(spec)
             return None
+        early = request_context.early_resolution(spec)
+        if early is not None:
+            if isinstance(early, SteeringError):
+                raise early
+            return early
         return st.resolver.resolve(spec)
     except SteeringError as e:
         raise _invalid(e) from None
 
 
 def requested_steering(request: Any) -> tuple[bool, Any, str]:
-    """(mentioned, spec, source): what steering this request asks for.
+    """(mentioned, spec, source): what steering this request asks for (a request object,
+    or its JSON body as a dict).
 
     ``source`` is "request" when the request said anything about steering (a spec, null or
     no vectors), "default" when the server default applies, "" when neither."""
-    extra = getattr(request, "model_extra", None) or {}
+    if isinstance(request, dict):
+        extra, xargs = request, request.get("vllm_xargs")
+    else:
+        extra, xargs = getattr(request, "model_extra", None) or {}, getattr(request, "vllm_xargs", None)
     if STEERING_KEY in extra:
         return True, extra[STEERING_KEY], "request"
-    xargs = getattr(request, "vllm_xargs", None) or {}
-    if STEERING_KEY in xargs:
+    if isinstance(xargs, dict) and STEERING_KEY in xargs:
         return True, xargs[STEERING_KEY], "request"
     st = state.current()
     if st is not None and st.default_steering is not None:
@@ -70,9 +80,8 @@ def requested_steering(request: Any) -> tuple[bool, Any, str]:
 
 
 def _note(resolved: ResolvedSteering | None, source: str) -> None:
-    info = state.RESPONSE_INFO.get()
-    if info is not None and resolved is not None:
-        info[STEERING_KEY] = {**resolved.describe(), "source": source}
+    if resolved is not None:
+        request_context.note(STEERING_KEY, {**resolved.describe(), "source": source})
 
 
 def _canonical(spec: Any) -> dict[str, Any] | None:
@@ -90,7 +99,6 @@ def to_sampling_params_wrapper(original: Callable[..., Any]) -> Callable[..., An
     @functools.wraps(original)
     def to_sampling_params(self, *args, **kwargs):
         mentioned, spec, source = requested_steering(self)
-        sp = None
         if not mentioned:
             sp = original(self, *args, **kwargs)
             if sp.extra_args and PINS_KEY in sp.extra_args:
@@ -105,6 +113,8 @@ def to_sampling_params_wrapper(original: Callable[..., Any]) -> Callable[..., An
         rest = _without_client_keys(sp.extra_args)
         if canonical is not None:
             rest[STEERING_KEY] = canonical
+            if resolved is not None:  # the engine applies exactly what the headers will describe
+                rest[PINS_KEY] = seal(canonical, resolved)
         sp.extra_args = rest or None
         _note(resolved, source)
         return sp
@@ -114,7 +124,8 @@ def to_sampling_params_wrapper(original: Callable[..., Any]) -> Callable[..., An
 
 def to_beam_search_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     """Beam search builds its own sampling params per beam and would drop steering:
-    refuse explicit steering there instead of ignoring it."""
+    refuse explicit steering there (400), and report ``"steering": null`` when the
+    server's default steering is therefore not applied."""
 
     @functools.wraps(original)
     def to_beam_search_params(self, *args, **kwargs):
@@ -128,6 +139,8 @@ def to_beam_search_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             if parsed is not None and not parsed.is_empty:
                 raise _invalid(SteeringError("steering is not supported with use_beam_search",
                                              field="steering", reason="unsupported_with_beam_search"))
+        elif source == "default":
+            request_context.note(request_context.NOT_APPLIED, "the default steering is not applied with use_beam_search")
         return original(self, *args, **kwargs)
 
     return to_beam_search_params

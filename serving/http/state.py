@@ -1,5 +1,4 @@
-"""The server's state, created once when vLLM builds its app, and the per-request slot
-the middleware opens for each HTTP request.
+"""The server's state, created once when vLLM builds its app.
 
 ``ServerState`` holds everything the steering routes, the middleware and the request
 patches share: the configuration, the served model's shape and name, the registry (one
@@ -9,7 +8,6 @@ the request patches, which vLLM calls without the app at hand.
 
 from __future__ import annotations
 
-import contextvars
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +47,3 @@ def set_current(state: ServerState | None) -> None:
 def current() -> ServerState | None:
     """The state of this process's server (None outside an API server)."""
     return _current
-
-
-RESPONSE_INFO: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("vsteer_response_info",
-                                                                                      default=None)
-"""Set per HTTP request by the middleware to a fresh dict; the request handler (a child
-task that inherits the context) notes there what steering it applied, for the response
-headers and body."""
