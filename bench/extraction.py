@@ -15,6 +15,21 @@ are medians of per-round ratios.
 
     python bench/extraction.py                        # SmolLM2, bundled sentiment pairs
     python bench/extraction.py --model tiny-llama --reps 1 --pairs-limit 16   # quick
+
+``--engine vllm`` compares the two extraction engines instead (``vsteer extract --engine``),
+on ``--mixed-pairs`` (default 512) pairs of mixed lengths built deterministically from the
+bundled sets (``mixed_pairs``: several bundled texts of one side joined, half of the pairs
+behind one of a few shared context preambles), all layers:
+
+* ``hf_engine``: ``extract_caa`` (padded batches of ``--batch-size`` pairs);
+* ``vllm_engine``: ``extract_caa_vllm`` on a capture engine (prefill requests, the workers
+  accumulate the sums);
+* ``vllm_prefill``: the same token prompts as plain ``max_tokens=1`` requests on a plain
+  engine, one cache salt per round like the ``last`` rule (the target: vllm_engine >= 0.9x;
+  and >= 1.5x hf_engine). Writes ``bench/out/extraction_vllm.json``.
+
+    python bench/extraction.py --engine vllm --reps 2
+    python bench/extraction.py --engine vllm --model tiny-llama --mixed-pairs 64 --reps 1   # quick
 """
 
 from __future__ import annotations
@@ -42,11 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-loop", action="store_true", help="skip the slow per-layer loop")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="result JSON (default: bench/out/extraction.json)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: the HF extraction cases above; vllm: HF engine vs vLLM engine vs plain vLLM prefill")
+    p.add_argument("--mixed-pairs", type=int, default=512, help="--engine vllm: generated pairs (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="--engine vllm: the engines' token budget")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.engine == "vllm":
+        return main_vllm(args)
     import torch
 
     from vsteer.engine.layers import num_decoder_layers
@@ -148,6 +169,124 @@ def main(argv: list[str] | None = None) -> int:
                   "output", "ratios: median over rounds of per-round ratios"],
     }, args.out)
     return 0
+
+
+PREAMBLES = 4
+
+
+def mixed_pairs(n: int, seed: int = 0):
+    """``n`` contrast pairs of mixed lengths, the same on every run: each joins 1-8 bundled
+    texts of one side (sentiment, formality, refusal, conciseness; the pair's own set, so the
+    behaviour stays the same), keeps the bundled prompt, and half of them sit behind one of
+    ``PREAMBLES`` shared context paragraphs (prefix-cache material, like a system prompt)."""
+    import json
+    import random
+    from importlib import resources
+
+    from vsteer.extract import ContrastPair, ContrastPairDataset, load_pairs
+
+    sets = [list(load_pairs(name)) for name in ("sentiment", "formality", "refusal", "conciseness")]
+    neutral = [json.loads(line)["text"] for line in
+               (resources.files("vsteer.extract") / "data" / "neutral.jsonl").read_text().splitlines() if line.strip()]
+    preambles = [" ".join(neutral[i * 6:(i + 1) * 6]) + "\n\n" for i in range(PREAMBLES)]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        pool = sets[i % len(sets)]
+        base = pool[(i // len(sets)) % len(pool)]
+        k = rng.choice([1, 1, 2, 3, 5, 8])
+        extra = [pool[rng.randrange(len(pool))] for _ in range(k - 1)]
+        pos = " ".join([base.positive] + [p.positive for p in extra])
+        neg = " ".join([base.negative] + [p.negative for p in extra])
+        prompt = (preambles[rng.randrange(PREAMBLES)] if i % 2 else "") + base.prompt
+        out.append(ContrastPair(pos, neg, prompt=prompt))
+    return ContrastPairDataset(out, name="mixed")
+
+
+def main_vllm(args: argparse.Namespace) -> int:
+    import uuid
+
+    import torch
+    import vllm
+
+    from vsteer.engine.models import load_hf
+    from vsteer.extract import extract_caa
+    from vsteer.extract.vllm_engine import capture_llm, extract_caa_vllm, tokenize_texts
+
+    path = C.resolve_model(args.model)
+    model, tok = load_hf(path, dtype=args.dtype)
+    pairs = mixed_pairs(args.mixed_pairs)
+    pos, neg = tokenize_texts(tok, pairs)
+    lengths = [len(x) for x in pos + neg]
+    tokens = sum(lengths)
+    bundled = [len(x) for side in tokenize_texts(tok, load_bundled()) for x in side]
+    engine_kw = dict(dtype=args.dtype, gpu_memory_utilization=0.3, max_model_len=2048, seed=0,
+                     max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=True)
+    C.log(f"{len(pairs)} mixed pairs, {len(lengths)} texts, {tokens} tokens (text length min/median/max "
+          f"{min(lengths)}/{sorted(lengths)[len(lengths) // 2]}/{max(lengths)}; bundled median "
+          f"{sorted(bundled)[len(bundled) // 2]}); starting the engines")
+    capture = capture_llm(path, **engine_kw)
+    plain = vllm.LLM(path, **engine_kw)
+    prompts = [{"prompt_token_ids": ids} for pair in zip(pos, neg) for ids in pair]
+
+    def run_hf():
+        extract_caa(model, tok, pairs, layers="all", batch_size=args.batch_size,
+                    token_position=args.token_position, progress=False)
+
+    def run_vllm_engine():
+        extract_caa_vllm(capture, pairs, layers="all", token_position=args.token_position, progress=False,
+                         tokenizer=tok)
+
+    def run_prefill():
+        salt = uuid.uuid4().hex  # a fresh namespace per round: no hits on the previous round's blocks
+        plain.generate([{**p, "cache_salt": salt} for p in prompts],
+                       vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+
+    cases = {"hf_engine": run_hf, "vllm_engine": run_vllm_engine, "vllm_prefill": run_prefill}
+    C.log("warm-up")
+    run_vllm_engine()
+    run_prefill()
+    rounds = []
+    for r in range(args.reps):
+        row = {}
+        for name in C.rotated(list(cases), r):
+            t = time.perf_counter()
+            cases[name]()
+            row[name] = tokens / (time.perf_counter() - t)
+        rounds.append(row)
+        C.log(f"round {r + 1}/{args.reps}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row.items()))
+    tps = {name: C.median([r[name] for r in rounds]) for name in cases}
+    vs_prefill = C.median([r["vllm_engine"] / r["vllm_prefill"] for r in rounds])
+    vs_hf = C.median([r["vllm_engine"] / r["hf_engine"] for r in rounds])
+    print()
+    print(C.table(["case", "tok/s", "vllm_engine speed-up over it"],
+                  [[name, tps[name], C.median([r["vllm_engine"] / r[name] for r in rounds])] for name in cases]))
+    checks = [{"target": "vllm_engine / plain vLLM prefill >= 0.9", "value": vs_prefill, "met": vs_prefill >= 0.9},
+              {"target": "vllm_engine / hf_engine >= 1.5", "value": vs_hf, "met": vs_hf >= 1.5}]
+    print()
+    for chk in checks:
+        print(f"  [{'met' if chk['met'] else 'NOT met'}] {chk['target']}: {chk['value']:.2f}")
+    C.write_result("extraction_vllm", {
+        "params": {"model": args.model, "model_path": path, "pairs": "mixed_pairs", "n_pairs": len(pairs),
+                   "texts": len(lengths), "tokens": tokens, "length_min": min(lengths), "length_max": max(lengths),
+                   "length_median": sorted(lengths)[len(lengths) // 2],
+                   "bundled_length_median": sorted(bundled)[len(bundled) // 2], "batch_size": args.batch_size,
+                   "token_position": args.token_position, "layers": "all", "reps": args.reps, "dtype": args.dtype,
+                   "max_num_batched_tokens": args.max_num_batched_tokens, "torch_threads": torch.get_num_threads()},
+        "tok_s": tps, "vllm_engine_vs_prefill": vs_prefill, "vllm_engine_vs_hf": vs_hf, "checks": checks,
+        "raw_rounds": rounds,
+        "notes": ["tokens = real tokens of all texts once; the HF engine pads each batch",
+                  "vllm_prefill runs on a second engine without capture hooks; both engines cache prefixes within "
+                  "a round only (fresh salts per round)", "ratios: median over rounds of per-round ratios"],
+    }, args.out)
+    return 0
+
+
+def load_bundled():
+    from vsteer.extract import ContrastPairDataset, load_pairs
+
+    return ContrastPairDataset([p for name in ("sentiment", "formality", "refusal", "conciseness")
+                                for p in load_pairs(name)])
 
 
 if __name__ == "__main__":

@@ -44,9 +44,14 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "server_load": (["--requests", "200", "--concurrency", "16", "--tokens", "32", "--reps", "2"],
                     ["--model", "tiny-llama", "--requests", "16", "--concurrency", "4", "--tokens", "8",
                      "--reps", "1"]),
+    "step_overhead": ([], ["--batches", "64,256", "--steps", "200", "--warmup", "20", "--hidden", "512",
+                           "--layers", "8"]),
+    "ops_overhead": (["--batch", "32", "--tokens", "32", "--reps", "3"],
+                     ["--model", "tiny-llama", "--batch", "8", "--tokens", "8", "--reps", "1", "--engines",
+                      "before,after", "--enforce-eager"]),
 }
 TIMEOUT_S = {"extraction": 1800, "eval_sweep": 1800, "hf_vs_vllm": 2400, "serving_overhead": 3600,
-             "server_load": 2400}
+             "server_load": 2400, "step_overhead": 1200, "ops_overhead": 3600}
 
 
 def run_benchmarks(names: list[str], quick: bool) -> dict[str, dict]:
@@ -360,6 +365,14 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
         L += [f"Did not complete: `{sl.get('status')}`.", "", "```", str(sl.get("error", ""))[-2500:], "```", ""]
     else:
         L += ["Not run (no `bench/out/server_load.json`).", ""]
+    if results.get("step_overhead"):
+        import step_overhead
+
+        L += step_overhead.report_lines(results["step_overhead"])
+    if results.get("ops_overhead"):
+        import ops_overhead
+
+        L += ops_overhead.report_lines(results["ops_overhead"])
     RESULTS.write_text("\n".join(L).rstrip() + "\n")
     print(f"wrote {RESULTS}")
     return RESULTS

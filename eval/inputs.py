@@ -51,19 +51,22 @@ def load_prompts(path_or_bundled: str = "eval_prompts.jsonl") -> list[str]:
     return [str(rec["prompt"]) for rec in _read_jsonl(path_or_bundled)]
 
 
-def chat_ids(tokenizer: Any, text: str) -> list[int]:
-    """A user turn with the generation prompt when the tokenizer has a chat template."""
+def chat_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
+    """A user turn with the generation prompt when the tokenizer has a chat template
+    (after a ``system`` message if given); else the plain text (the system text first)."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    return list(tokenizer(text)["input_ids"])
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(f"{system}\n\n{text}" if system else text)["input_ids"])
 
 
-def probe_queries(tokenizer: Any, probes: Sequence[Probe]) -> list[list[Query]]:
-    """Per probe: its positive continuations, then its negative ones."""
+def probe_queries(tokenizer: Any, probes: Sequence[Probe], prefix: str | None = None) -> list[list[Query]]:
+    """Per probe: its positive continuations, then its negative ones. ``prefix`` (the
+    prompting baseline's instruction) goes before each probe on a line of its own."""
     out = []
     for p in probes:
-        ctx = tuple(tokenizer(p.prompt)["input_ids"])
+        ctx = tuple(tokenizer(f"{prefix}\n\n{p.prompt}" if prefix else p.prompt)["input_ids"])
         conts = [tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in p.positive + p.negative]
         if any(not c for c in conts):
             raise ValueError(f"probe {p.prompt!r}: a continuation tokenizes to nothing")
@@ -93,3 +96,21 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Iterable[int]) -> list[int]:
             break
         out.append(int(t))
     return out
+
+
+def split_indices(n: int, part: str, seed: int = 0) -> list[int]:
+    """A fixed half of ``range(n)``: ``select`` (chooses a recipe) or ``score`` (scores it),
+    disjoint, from a seeded shuffle; ``all`` is everything. The two halves differ by at
+    most one item."""
+    import random
+
+    if part == "all":
+        return list(range(n))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    half = (n + 1) // 2
+    if part == "select":
+        return sorted(order[:half])
+    if part == "score":
+        return sorted(order[half:])
+    raise ValueError(f"part must be select, score or all; got {part!r}")

@@ -11,6 +11,7 @@ Behaviours come in two kinds:
   conciseness). Lexicon scores are crude: they show direction and rough size, not quality.
 
 Coherence of a generation: its perplexity under the *unsteered* model and distinct-n.
+Which scorer belongs to which behaviour (and its prompting baseline) is ``behaviours``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 _WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -94,53 +94,27 @@ def conciseness(text: str, n_tokens: int, max_new_tokens: int) -> float:
     return 1.0 - min(n_tokens, max_new_tokens) / max(max_new_tokens, 1)
 
 
-# -- behaviours ------------------------------------------------------------------------
 TextScorer = Callable[[str, int, int], float]
 
 
-@dataclass(frozen=True)
-class Behaviour:
-    """How to score one behaviour; ``kind`` is ``logprob`` or ``generation``."""
+def concept_rate(keywords: Collection[str]) -> TextScorer:
+    """1 if the generation contains any of ``keywords`` (whole lower-case words), else 0:
+    averaged over prompts, the share of answers on the concept."""
+    keys = frozenset(k.lower() for k in keywords)
 
-    name: str
-    kind: str
-    description: str
-    unit: str
-    target_delta: float                       # default trade-off target: change vs unsteered
-    probe_file: str | None = None             # bundled probes (logprob kind)
-    text_scorer: TextScorer | None = None     # generation kind: the behaviour score
-    extra_text_scorers: dict[str, TextScorer] = field(default_factory=dict)  # reported beside it
+    def score(text: str, n_tokens: int, max_new_tokens: int) -> float:
+        return 1.0 if any(w in keys for w in words(text)) else 0.0
+    return score
 
 
-BEHAVIOURS: dict[str, Behaviour] = {
-    "sentiment": Behaviour(
-        "sentiment", "logprob",
-        "mean over held-out probes of mean log p(positive word) - mean log p(negative word) for the next token",
-        "nats", 1.0, probe_file="sentiment_eval.jsonl",
-        extra_text_scorers={"sentiment_lexicon": sentiment_lexicon}),
-    "formality": Behaviour(
-        "formality", "generation", "formal minus casual lexicon markers per 100 generated words",
-        "markers/100 words", 2.0, text_scorer=formality_lexicon),
-    "refusal": Behaviour(
-        "refusal", "generation", "share of generations that open with a refusal phrase",
-        "rate", 0.25, text_scorer=refusal_rate),
-    "conciseness": Behaviour(
-        "conciseness", "generation", "1 - generated tokens / max_new_tokens (higher: stops sooner)",
-        "fraction", 0.2, text_scorer=conciseness),
-}
+def keyword_density(keywords: Collection[str]) -> TextScorer:
+    """Concept keywords per 100 generated words (how much of the answer is on the concept)."""
+    keys = frozenset(k.lower() for k in keywords)
 
-
-def get_behaviour(name: str) -> Behaviour:
-    if name not in BEHAVIOURS:
-        raise KeyError(f"unknown behaviour {name!r}; known: {', '.join(sorted(BEHAVIOURS))} "
-                       "(or give --probes FILE for a log-probability behaviour)")
-    return BEHAVIOURS[name]
-
-
-def probe_behaviour(name: str, path: str) -> Behaviour:
-    """A log-probability behaviour from a user's probe file ({prompt, positive, negative})."""
-    return Behaviour(name, "logprob", f"mean log p(positive) - mean log p(negative) over the probes of {path}",
-                     "nats", 1.0, probe_file=path)
+    def score(text: str, n_tokens: int, max_new_tokens: int) -> float:
+        ws = words(text)
+        return 100.0 * sum(w in keys for w in ws) / len(ws) if ws else 0.0
+    return score
 
 
 # -- per-item scores -------------------------------------------------------------------

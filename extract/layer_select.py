@@ -33,10 +33,6 @@ class LayerScore:
     margin: float
     n_heldout: int
 
-    @property
-    def rank_key(self) -> tuple[float, float]:
-        return (self.accuracy, self.margin)
-
     def to_dict(self) -> dict[str, float]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 

@@ -24,6 +24,8 @@ class LayerStats:
     count: int = 0
     norm_sum: float = 0.0                 # residual-stream norms of all captured texts
     norm_count: int = 0
+    stream_norm_sum: float = 0.0          # token norms over all real tokens but each text's first
+    stream_norm_count: float = 0.0
     differences: list[torch.Tensor] = field(default_factory=list)  # float32 [pairs, dim] chunks
 
     def add(self, positive: torch.Tensor, negative: torch.Tensor) -> None:
@@ -60,6 +62,15 @@ class LayerStats:
     @property
     def mean_difference(self) -> torch.Tensor:
         return self.mean_pos - self.mean_neg
+
+    def add_stream_norms(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.stream_norm_sum += float(sums.sum())
+        self.stream_norm_count += float(counts.sum())
+
+    @property
+    def mean_stream_norm(self) -> float:
+        """Mean residual-stream norm per token: the unit of ``unit: relative`` strengths."""
+        return self.stream_norm_sum / self.stream_norm_count if self.stream_norm_count else float("nan")
 
     @property
     def mean_norm(self) -> float:

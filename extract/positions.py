@@ -66,3 +66,19 @@ def token_norms(hidden: torch.Tensor, mask: torch.Tensor | None, position: str) 
         return pool_tokens(hidden, m, position).norm(dim=-1)
     norms = hidden.float().norm(dim=-1).masked_fill(~m, 0.0)
     return norms.sum(dim=1) / m.sum(dim=1).clamp_min(1).float()
+
+
+def stream_norms(hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of per-token L2 norms, token count) over the real tokens but the first.
+
+    The first token of a sequence often carries a norm many times the others (an
+    "attention sink"); leaving it out gives the scale a steering vector added at the
+    other tokens competes with, the unit of relative strengths. Rows with one real token
+    keep it."""
+    m = align_mask(mask, hidden)
+    first = token_indices(m, "first")
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    keep = m.clone()
+    keep[rows, first] = m.sum(dim=1) <= 1
+    norms = hidden.float().norm(dim=-1).masked_fill(~keep, 0.0)
+    return norms.sum(dim=1).double(), keep.sum(dim=1).double()

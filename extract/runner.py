@@ -18,7 +18,7 @@ from torch import nn
 
 from .hooks import ActivationHook, StopForward, stop_after_layer
 from .pairs import ContrastPair
-from .positions import token_norms
+from .positions import stream_norms, token_norms
 
 
 @dataclass
@@ -28,6 +28,8 @@ class PairBatch:
     positive: dict[int, torch.Tensor]
     negative: dict[int, torch.Tensor]
     residual_norms: dict[int, torch.Tensor]  # [2 * pairs]: per-text residual-stream norm
+    stream_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer: (sum of token norms, token count) per text, first tokens left out."""
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -82,13 +84,14 @@ def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[Contrast
     device = model_device(model)
     pass_positions = _accepts(model, "position_ids")
     extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    current: dict[str, dict[int, torch.Tensor]] = {"acts": {}, "norms": {}}
+    current: dict[str, dict[int, Any]] = {"acts": {}, "norms": {}, "stream": {}}
 
     def keep_acts(layer: int, pooled: torch.Tensor) -> None:
         current["acts"][layer] = pooled
 
     def keep_norms(layer: int, hidden: torch.Tensor) -> None:
         current["norms"][layer] = token_norms(hidden, norm_hook.attention_mask, token_position)
+        current["stream"][layer] = stream_norms(hidden, norm_hook.attention_mask)
 
     acts_hook = ActivationHook(model, layers, component, token_position, reduce=keep_acts)
     norm_hook = ActivationHook(model, layers, "residual", "all", reduce=keep_norms)
@@ -101,7 +104,7 @@ def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[Contrast
             inputs = encode(tokenizer, texts, chat_template=chat_template, device=device, max_length=max_length)
             if pass_positions:
                 inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
-            current["acts"], current["norms"] = {}, {}
+            current["acts"], current["norms"], current["stream"] = {}, {}, {}
             try:
                 with torch.inference_mode():  # only here: a suspended generator must not leak it
                     model(**inputs, **extra)
@@ -113,4 +116,4 @@ def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[Contrast
             n = len(chunk)
             yield PairBatch(positive={layer: a[:n] for layer, a in current["acts"].items()},
                             negative={layer: a[n:] for layer, a in current["acts"].items()},
-                            residual_norms=dict(current["norms"]))
+                            residual_norms=dict(current["norms"]), stream_norms=dict(current["stream"]))

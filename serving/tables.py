@@ -16,18 +16,22 @@ Tables grow only by what the operators need: ``proj_dirs`` is ``K`` times the ad
 (``K = VSTEER_MAX_PROJECTIONS``, default 2; 0 turns ablate/clamp off). The op gathers
 rows per token, so its cost does not depend on how many distinct configs share a batch.
 All per-token work here is vectorised numpy on the host; the only per-request Python is
-the config lookup.
+the config lookup, run only when the batch's requests change (``WorkerSteering.step``);
+decode steps reuse per-request rows (``decode_rows``). bench/step_overhead.py times it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vsteer.engine.positions import steered_mask_by_code
-from vsteer.engine.resolver import ResolvedSteering
+
+if TYPE_CHECKING:  # a type only: the GPU check (bench/gpu/check_op.py) imports this without pydantic
+    from vsteer.engine.resolver import ResolvedSteering
 
 
 def steered_token_mask(positions: np.ndarray, prompt_lens: np.ndarray, modes: np.ndarray) -> np.ndarray:
@@ -63,13 +67,16 @@ class SteeringTables:
         self._dirty_tokens = 0
         self._resident: OrderedDict[str, int] = OrderedDict()   # fingerprint -> row, LRU order
         self._free_rows = list(range(max_configs, 0, -1))
-        self._row_slots: dict[int, tuple[frozenset[int], frozenset[int]]] = {}  # row -> (active, general) slots
+        self._row_slots: dict[int, tuple[int, int]] = {}  # row -> (active, general) slots as bit masks
+        self.generation = 0
+        """Bumped whenever a row is written or evicted: a caller's row numbers from an
+        earlier ``assign_rows`` stay valid while it is unchanged (the worker's batch plan)."""
 
     # -- configs -> table rows -------------------------------------------------------
     def _write_row(self, row: int, resolved: ResolvedSteering) -> None:
         """Write one config's plans into ``row`` (layers of another pipeline stage are
         steered there and skipped here)."""
-        active, general = set(), set()
+        active = general = 0
         self.tables[:, row].zero_()
         self.proj_dirs[:, row].zero_()
         self.proj_targets[:, row].zero_()
@@ -79,7 +86,7 @@ class SteeringTables:
             slot = self.slot_of.get(layer)
             if slot is None:
                 continue
-            active.add(slot)
+            active |= 1 << slot
             if plan.add is not None:
                 self.tables[slot, row].copy_(plan.add.to(self.dtype))
             k = plan.num_directions
@@ -93,8 +100,8 @@ class SteeringTables:
                 self.norm_flags[slot, row] = True
             if k or plan.preserve_norm:
                 self.general[slot, row] = True
-                general.add(slot)
-        self._row_slots[row] = (frozenset(active), frozenset(general))
+                general |= 1 << slot
+        self._row_slots[row] = (active, general)
 
     def assign_rows(self, configs: dict[str, ResolvedSteering]) -> dict[str, int]:
         """Make every config of this step resident in a table row; write only new ones."""
@@ -102,44 +109,61 @@ class SteeringTables:
             raise RuntimeError(f"{len(configs)} distinct steering configs in one step, over the table capacity "
                                f"{self.max_configs} (max_num_seqs)")
         out: dict[str, int] = {}
+        resident, touch = self._resident, self._resident.move_to_end
         for fp in configs:
-            if fp in self._resident:
-                self._resident.move_to_end(fp)
-                out[fp] = self._resident[fp]
-        for fp, resolved in configs.items():
-            if fp in out:
-                continue
-            if not self._free_rows:
-                victim = next(v for v in self._resident if v not in configs)
-                self._free_rows.append(self._resident.pop(victim))
-            row = self._free_rows.pop()
-            self._write_row(row, resolved)
-            self._resident[fp] = row
-            out[fp] = row
-        active = [False] * len(self.layers)
-        general = [False] * len(self.layers)
+            row = resident.get(fp)
+            if row is not None:
+                touch(fp)
+                out[fp] = row
+        if len(out) < len(configs):
+            self.generation += 1
+            for fp, resolved in configs.items():
+                if fp in out:
+                    continue
+                if not self._free_rows:
+                    victim = next(v for v in resident if v not in configs)
+                    self._free_rows.append(resident.pop(victim))
+                row = self._free_rows.pop()
+                self._write_row(row, resolved)
+                resident[fp] = row
+                out[fp] = row
+        active = general = 0
         for row in out.values():
             row_active, row_general = self._row_slots[row]
-            for slot in row_active:
-                active[slot] = True
-            for slot in row_general:
-                general[slot] = True
-        self.layer_active, self.general_active = active, general
+            active |= row_active
+            general |= row_general
+        slots = range(len(self.layers))
+        self.layer_active = [bool(active >> slot & 1) for slot in slots]
+        self.general_active = [bool(general >> slot & 1) for slot in slots]
         return out
 
     # -- tokens -> rows ----------------------------------------------------------------
+    @staticmethod
+    def decode_rows(prompt_lens: np.ndarray, req_rows: np.ndarray, req_modes: np.ndarray) -> np.ndarray:
+        """Per request: its row for any token past its prompt, else 0. Every position rule
+        is constant past the prompt (tests/test_tables.py checks each rule), so a decode
+        step needs no per-token rule evaluation."""
+        return np.where(steered_token_mask(prompt_lens, prompt_lens, req_modes), req_rows, 0)
+
     def set_token_rows(self, num_scheduled: np.ndarray, computed: np.ndarray, prompt_lens: np.ndarray,
-                       req_rows: np.ndarray, req_modes: np.ndarray) -> int:
-        """Fill ``rows`` for one step. Arrays are per request in batch order; returns the
-        number of steered tokens."""
+                       req_rows: np.ndarray, req_modes: np.ndarray, decode_rows: np.ndarray | None = None) -> int:
+        """Fill ``rows`` for one step. Arrays are per request in batch order (any integer
+        dtype); ``decode_rows`` (from ``decode_rows()``) speeds up decode steps. Returns
+        the number of steered tokens."""
+        n = len(num_scheduled)
         total = int(num_scheduled.sum())
         if total > self.max_tokens:
             raise RuntimeError(f"step has {total} tokens, steering buffers hold {self.max_tokens}")
-        token_req = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
-        starts = np.cumsum(num_scheduled) - num_scheduled
-        positions = computed[token_req] + (np.arange(total) - starts[token_req])
-        mask = steered_token_mask(positions, prompt_lens[token_req], req_modes[token_req])
-        token_rows = np.where(mask, req_rows[token_req], 0)
+        if decode_rows is not None and total == n and n and num_scheduled.min() == 1 \
+                and (computed >= prompt_lens).all():
+            token_rows = decode_rows  # one token per request, each past its prompt
+        else:
+            num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
+            token_req = np.repeat(np.arange(n), num_scheduled)
+            starts = np.cumsum(num_scheduled) - num_scheduled
+            positions = computed.astype(np.int64)[token_req] + (np.arange(total) - starts[token_req])
+            mask = steered_token_mask(positions, prompt_lens.astype(np.int64)[token_req], req_modes[token_req])
+            token_rows = np.where(mask, req_rows[token_req], 0)
         host = self._rows_host
         host[:total] = token_rows
         if self._dirty_tokens > total:

@@ -62,6 +62,9 @@ def _table() -> tuple[Patch, ...]:
         # workers: hook the layers, fill the tables each step (worker)
         Patch(f"{c.worker}.load_model", "vsteer.serving.worker:load_model_wrapper", ("self",)),
         Patch(f"{c.worker}.vsteer_stats", "vsteer.serving.worker:vsteer_stats", add=True),
+        # workers: extraction capture jobs, driven by vsteer.extract.vllm_engine (capture)
+        Patch(f"{c.worker}.vsteer_capture_begin", "vsteer.serving.capture:vsteer_capture_begin", add=True),
+        Patch(f"{c.worker}.vsteer_capture_collect", "vsteer.serving.capture:vsteer_capture_collect", add=True),
         Patch(f"{c.model_runner}._prepare_inputs", "vsteer.serving.worker:prepare_inputs_wrapper",
               ("self", "scheduler_output", "num_scheduled_tokens")),
         Patch(f"{c.model_runner}._dummy_run", "vsteer.serving.worker:dummy_run_wrapper", ("self",)),
@@ -134,6 +137,17 @@ def problems(patches: tuple[Patch, ...] | None = None, *, api_server: bool = Tru
                 continue
             if names[:len(p.params)] != list(p.params):
                 out.append(f"{p.target}: parameters {names[:len(p.params)]} differ from {list(p.params)}")
+    if patches is None and api_server:
+        # what `vsteer serve` calls (not patched, but version-specific all the same)
+        c = compat_entry()
+        for ref in (*c.serve_names, *((c.configure_logging,) if c.configure_logging else ())):
+            try:
+                owner, attr = _resolve(ref)
+            except LookupError as e:
+                out.append(f"{ref}: missing {e}")
+                continue
+            if not hasattr(owner, attr):
+                out.append(f"{ref}: missing")
     return out
 
 

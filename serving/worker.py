@@ -12,6 +12,8 @@ import functools
 import logging
 import socket
 import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +27,7 @@ from vsteer.engine.registry import VectorRegistry
 from vsteer.engine.resolver import ResolvedSteering, SteeringResolver
 from vsteer.engine.settings import settings
 
-from . import ops
+from . import capture, ops
 from .keys import PINS_KEY, STEERING_KEY
 from .tables import SteeringTables
 
@@ -53,6 +55,22 @@ def _make_hook(layer: int):
     return hook
 
 
+@dataclass
+class _BatchPlan:
+    """One batch's per-request steering, in batch order (see ``WorkerSteering.step``)."""
+
+    req_ids: list[str]
+    prompt_lens: np.ndarray
+    generation: int
+    """``SteeringTables.generation`` when the rows were assigned."""
+    num_configs: int
+    rows: np.ndarray
+    modes: np.ndarray
+    decode_rows: np.ndarray
+    active: tuple[list[bool], list[bool]]
+    """The tables' (layer_active, general_active) for these configs."""
+
+
 class WorkerSteering:
     """Per-worker steering state: hooks, tables, resolver and a per-request cache."""
 
@@ -77,6 +95,9 @@ class WorkerSteering:
                                          hidden_size=self.hidden_size, num_layers=self.num_layers,
                                          steerable=steerable, dtype=runner.dtype)
         self._requests: dict[str, tuple[ResolvedSteering, int] | None] = {}
+        # front-end fingerprint -> resolution, held only while some request uses it
+        self._by_fingerprint: weakref.WeakValueDictionary[str, ResolvedSteering] = weakref.WeakValueDictionary()
+        self._plan: _BatchPlan | None = None  # the last step's batch (reused by decode steps)
         self.failed: set[str] = set()
         """Requests this worker could not steer since the last model output: they finish
         with an error (``vsteer.serving.failures``), never as an unsteered success."""
@@ -85,9 +106,28 @@ class WorkerSteering:
         for layer in layers:
             blocks[layer].register_forward_hook(_make_hook(layer))
         ops.set_tables(self.tables)
+        # extraction (vsteer extract --engine vllm): capture hooks on every block, only in
+        # engines started with VSTEER_CAPTURE=1 (serving/capture.py)
+        self.capture = capture.WorkerCapture(runner, blocks) if s.capture else None
         logger.info("vsteer: steering hooks on %d decoder layers (%s), tables %.1f MiB (%d projection slots)",
                     len(layers), f"{layers[0]}..{layers[-1]}" if layers else "none",
                     self.tables.nbytes / 2**20, s.max_projections)
+
+    def _build_plan(self, runner: Any, req_ids: list[str], prompt_lens: np.ndarray) -> _BatchPlan:
+        """Rows and position rules of this batch's requests (in batch order); makes their
+        configs resident in the tables."""
+        known, requests = self._requests, runner.requests
+        entries = [known[r] if r in known else self._lookup(r, requests.get(r)) for r in req_ids]
+        configs = {e[0].fingerprint: e[0] for e in entries if e is not None}
+        n = len(req_ids)
+        rows, modes = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        if configs:
+            row_of = self.tables.assign_rows(configs)
+            rows[:] = [0 if e is None else row_of[e[0].fingerprint] for e in entries]
+            modes[:] = [0 if e is None else e[1] for e in entries]
+        return _BatchPlan(list(req_ids), prompt_lens.copy(), self.tables.generation, len(configs), rows, modes,
+                          SteeringTables.decode_rows(prompt_lens, rows, modes),
+                          (self.tables.layer_active, self.tables.general_active))
 
     def _lookup(self, req_id: str, request_state: Any) -> tuple[ResolvedSteering, int] | None:
         if req_id in self._requests:
@@ -98,8 +138,15 @@ class WorkerSteering:
         spec = extra.get(STEERING_KEY)
         if spec:
             pins = extra.get(PINS_KEY) or {}
+            pinned = pins.get("fingerprint")
             try:
-                resolved = self.resolver.resolve(spec, versions=pins.get("versions"))
+                # The front-end's fingerprint names exact content (per-layer hashes, coefficients,
+                # rule): a request whose config a live request already uses needs no resolution.
+                resolved = self._by_fingerprint.get(pinned) if pinned else None
+                if resolved is None:
+                    resolved = self.resolver.resolve(spec, versions=pins.get("versions"))
+                    if resolved is not None and pinned:
+                        self._by_fingerprint[pinned] = resolved
                 if resolved is not None:
                     entry = (resolved, POSITION_CODES[resolved.positions])
             except (SteeringError, OSError) as e:  # the pinned version vanished (deleted by hand?)
@@ -112,6 +159,8 @@ class WorkerSteering:
     def step(self, runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> None:
         """Fill rows/tables for this step; called right after ``_prepare_inputs``."""
         t0 = time.perf_counter()
+        if self.capture is not None:  # extraction capture (serving/capture.py)
+            self.capture.step(runner, num_scheduled_tokens)
         for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
             self._requests.pop(req_id, None)
         # vLLM skips _prepare_inputs on steps that schedule no tokens, so the finished ids
@@ -122,31 +171,25 @@ class WorkerSteering:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         req_ids = batch.req_ids[:num_reqs]
-        req_rows = np.zeros(num_reqs, dtype=np.int64)
-        req_modes = np.zeros(num_reqs, dtype=np.int64)
-        configs: dict[str, ResolvedSteering] = {}
-        slots: list[tuple[int, str]] = []
-        for i, req_id in enumerate(req_ids):
-            entry = self._lookup(req_id, runner.requests.get(req_id))
-            if entry is not None:
-                resolved, mode = entry
-                configs[resolved.fingerprint] = resolved
-                req_modes[i] = mode
-                slots.append((i, resolved.fingerprint))
+        prompt_lens = batch.num_prompt_tokens[:num_reqs]
+        plan = self._plan
+        # Consecutive decode steps keep the same requests in the same order: reuse the last
+        # plan (no per-request Python; one list comparison) unless a table row was written
+        # or evicted since (tables.generation) or a prompt grew (resumable requests).
+        if plan is None or plan.generation != self.tables.generation or plan.req_ids != req_ids \
+                or not np.array_equal(plan.prompt_lens, prompt_lens):
+            plan = self._plan = self._build_plan(runner, req_ids, prompt_lens)
         self.stats["steps"] += 1
-        if not configs:
+        if not plan.num_configs:
             self.tables.clear()
             return
-        row_of = self.tables.assign_rows(configs)
-        for i, fp in slots:
-            req_rows[i] = row_of[fp]
+        self.tables.layer_active, self.tables.general_active = plan.active  # clear() may have reset them
         steered = self.tables.set_token_rows(
-            np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64),
-            batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64),
-            batch.num_prompt_tokens[:num_reqs].astype(np.int64), req_rows, req_modes)
+            np.asarray(num_scheduled_tokens[:num_reqs]), batch.num_computed_tokens_cpu[:num_reqs],
+            prompt_lens, plan.rows, plan.modes, decode_rows=plan.decode_rows)
         self.stats["steered_steps"] += 1
         self.stats["steered_tokens"] += steered
-        self.stats["configs_per_step"].append(len(configs))
+        self.stats["configs_per_step"].append(plan.num_configs)
         if len(self.stats["configs_per_step"]) > 10000:
             del self.stats["configs_per_step"][:5000]
         self.stats["build_seconds"] += time.perf_counter() - t0
@@ -210,6 +253,8 @@ def dummy_run_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         state = getattr(self, "_vsteer", None)
         if state is not None:
             state.tables.clear()
+            if state.capture is not None:  # a dummy forward captures nothing
+                state.capture.idle()
         return original(self, *args, **kwargs)
 
     return _dummy_run
@@ -233,6 +278,7 @@ def compile_hash_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     def aot_compile_hash_factors(vllm_config):
         from vsteer.engine.version import __version__
 
-        return list(original(vllm_config)) + [f"vsteer={__version__};layers={settings().layers or 'all'}"]
+        return list(original(vllm_config)) + [f"vsteer={__version__};layers={settings().layers or 'all'}"
+                                          f";capture={int(settings().capture)}"]
 
     return aot_compile_hash_factors

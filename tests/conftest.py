@@ -10,6 +10,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that stop the session's shared server run last."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_shared_server") is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     from vsteer.engine.models import build_tiny_llama
@@ -61,3 +66,20 @@ def smollm2_vectors(smollm2_hf, tmp_path_factory):
     reg = VectorRegistry(tmp_path_factory.mktemp("smollm2-vectors"))
     reg.add("sentiment", vs)
     return reg
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory, smollm2_path):
+    """One real `vsteer serve` on SmolLM2 for the session (tests/served.py)."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("openai")
+    pytest.importorskip("vllm")
+    from served import seed_registry, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("server")
+    seed_registry(root / "vectors")
+    srv = start_server(root)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)

