@@ -233,7 +233,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
              f"every request steered; decode = 1 token per request; mixed = decode + {p['new_per_step']} requests "
              f"replaced per step by new ones prefilling {p['chunk']} tokens. Median / p90 over {p['steps']} steps "
              f"after {p['warmup']} warm-up steps; first step = a fresh worker resolving every config and writing "
-             "its rows. Host time only (no model forward). Target: <= 100 us at 256 x 256 distinct in decode "
+             f"its rows (CPU tables, {p.get('torch_threads', '?')} torch thread(s); on a GPU the row writes are a "
+             "few device copies per row). Host time only (no model forward). Target: <= 100 us at 256 x 256 distinct in decode "
              "(an 8B decode step at batch 256 on an H200 is ~15-25 ms), linear or better to 1024.", "",
              "| batch | distinct configs | step | tokens | median us | p90 us | first step us |",
              "|---|---|---|---|---|---|---|"]
@@ -276,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--new-per-step", type=int, default=4, help="mixed: requests replaced per step")
     p.add_argument("--chunk", type=int, default=512, help="mixed: prefill tokens of each new request")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch CPU threads for the table-row writes of first steps (default: %(default)s; on a "
+                        "GPU they are device copies; on an oversubscribed CPU, 2 threads made each 16 ms)")
     p.add_argument("--out", help="result JSON (default: bench/out/step_overhead.json)")
     p.add_argument("--baseline", help="an earlier result JSON to report beside this one (e.g. the code "
                                       "before an optimisation, run with that tree first on PYTHONPATH)")
@@ -285,6 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     batches = [int(b) for b in args.batches.split(",")]
     cases = []
     print(f"{'batch':>6} {'configs':>8} {'kind':>7} {'tokens':>7} {'median us':>10} {'p90 us':>9} "
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{batch:>6} {configs:>8} {kind:>7} {c['tokens_per_step']:>7} {c['median_us']:>10.1f} "
                       f"{c['p90_us']:>9.1f} {c['first_step_us']:>10.0f}", flush=True)
     params = {k: getattr(args, k) for k in ("layers", "hidden", "dtype", "steered_layers", "steps", "warmup",
-                                             "new_per_step", "chunk")}
+                                             "new_per_step", "chunk", "torch_threads")}
     result = {"params": params, "cases": cases, "checks": checks(cases), "label": args.label, **C.meta()}
     if args.baseline:
         import json

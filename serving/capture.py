@@ -5,10 +5,10 @@ as a prefill (``max_tokens=1``), tagging each request with
 ``extra_args["vsteer_capture"] = {"job": id, "group": 0|1}`` (positive / negative side).
 Each worker folds the residual stream at the job's layers into float64 sums per group:
 
-* on the device, ``acc[layer, group] += W[group] @ stream`` (one small matmul per layer
-  and step, float32 within the step, float64 across steps), where ``W[group, t]`` is token
-  t's weight under the position rule (``last``/``first``: 1 at that token of the text;
-  ``mean``: 1/len over its tokens, so chunked prefill adds up exactly);
+* on the device, ``W @ stream`` per layer and step (one small float32 matmul, folded into
+  float64 sums ``[layers, 2, hidden]`` before the next step), where ``W[group, t]`` is
+  token t's weight under the position rule (``last``/``first``: 1 at that token of the
+  text; ``mean``: 1/len over its tokens, so chunked prefill adds up exactly);
 * on the host, from the per-token norms the op leaves in a buffer: the norm at the read
   tokens (``mean_activation_norm``) and the per-token stream norms without each text's
   first token (``residual_norms``), both per group.
@@ -67,27 +67,36 @@ def _active_slot(layer: int) -> int | None:
 
 
 def _accumulate(stream: torch.Tensor, slot: int) -> None:
+    """Two kernels per layer (few kernels matter more than their size on a busy CPU): the
+    per-token norms and this step's float32 ``weights @ stream``, both into persistent
+    buffers the host folds into float64 before the next forward (``WorkerCapture._harvest``)."""
     state = _STATE
     n = stream.shape[0]
     if n > state.weights.shape[1]:
         raise RuntimeError(f"vsteer capture: {n} tokens in one forward, buffers hold {state.weights.shape[1]}")
-    state.norms[slot, :n].copy_(stream.norm(dim=-1))
-    state.acc[slot].add_(torch.mm(state.weights[:, :n], stream).double())
+    torch.linalg.vector_norm(stream, dim=-1, out=state.norms[slot, :n])
+    torch.mm(state.weights[:, :n], stream, out=state.partial[slot])
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dtype == torch.float32 else t.reshape(-1, t.shape[-1]).float()
 
 
 def capture_(hidden_states: torch.Tensor, layer: int) -> None:
     """The block's output is the residual stream itself (GPT-2 style)."""
     slot = _active_slot(layer)
     if slot is not None:
-        _accumulate(hidden_states.reshape(-1, hidden_states.shape[-1]).float(), slot)
+        _accumulate(_float32(hidden_states), slot)
 
 
 def capture_residual_(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    """The stream is ``hidden_states + residual`` (the next block's fused add-norm adds them)."""
+    """The stream is ``hidden_states + residual`` (the next block's fused add-norm adds them;
+    summed in float32, as vLLM's add-norm does)."""
     slot = _active_slot(layer)
     if slot is not None:
         h = hidden_states.reshape(-1, hidden_states.shape[-1])
-        _accumulate(h.float() + residual.reshape(-1, h.shape[-1]).float(), slot)
+        r = residual.reshape(h.shape)
+        _accumulate(torch.add(h, r) if h.dtype == r.dtype == torch.float32 else h.float().add_(r), slot)
 
 
 def _fake(hidden_states: torch.Tensor, layer: int) -> None:
@@ -191,6 +200,7 @@ class WorkerCapture:
         hidden, tokens, device = runner.model_config.get_hidden_size(), runner.max_num_tokens, runner.device
         self.device = torch.device(device)
         self.acc = torch.zeros(len(self.layers), GROUPS, hidden, dtype=torch.float64, device=self.device)
+        self.partial = torch.zeros(len(self.layers), GROUPS, hidden, dtype=torch.float32, device=self.device)
         self.norms = torch.zeros(len(self.layers), tokens, dtype=torch.float32, device=self.device)
         self.weights = torch.zeros(GROUPS, tokens, dtype=torch.float32, device=self.device)
         if self.device.type == "cpu":  # the host view is the buffer itself
@@ -202,6 +212,7 @@ class WorkerCapture:
         block_size = getattr(getattr(runner, "cache_config", None), "block_size", None) or 16
         self.chunk = math.gcd(16, int(block_size))
         self.job: _Job | None = None
+        self._slots = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._segments: list[tuple[int, int, int, _Text]] = []   # last step: (token offset, lo, hi, text)
         self._dirty = 0
         for layer, block in blocks.items():
@@ -218,6 +229,7 @@ class WorkerCapture:
         self.acc.zero_()
         self.job = _Job(str(spec["job"]), rule, [self.slot_of[x] for x in wanted if x in self.slot_of],
                         self.chunk, bool(spec.get("share_prefix")))
+        self._slots = torch.tensor(self.job.slots, dtype=torch.int64, device=self.device)
         return {"layers": [x for x in wanted if x in self.slot_of]}
 
     def collect(self, job: str) -> dict[str, Any]:
@@ -298,12 +310,14 @@ class WorkerCapture:
         return text
 
     def _harvest(self) -> None:
-        """Fold the last step's token norms into the job's host sums (norm buffers are
-        overwritten by the next forward, so this runs before it)."""
+        """Fold the last step into the job: its ``weights @ stream`` into the float64 sums, its
+        token norms into the host sums (the next forward overwrites both buffers, so this
+        runs before it)."""
         segments, self._segments = self._segments, []
         job = self.job
         if not segments or job is None or not job.slots:
             return
+        self.acc.index_add_(0, self._slots, self.partial.index_select(0, self._slots).double())
         end = max(off + hi - lo for off, lo, hi, _ in segments)
         norms = self.norms[job.slots, :end].double().cpu().numpy()
         for off, lo, hi, text in segments:

@@ -580,3 +580,31 @@ def test_sigterm_shuts_down_cleanly(server):
     while any(alive(p) for p in server.children) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [p for p in server.children if alive(p)], "engine processes left behind"
+
+
+def test_serve_takes_vsteer_flags_from_the_same_yaml_as_vllms(tmp_path):
+    """`--config` YAML holds vLLM's and vsteer's flags alike (vsteer's are a group of vLLM's
+    parser); a bad value there is refused before vLLM starts."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"vectors: {tmp_path / 'from-yaml'}\ndefault-steering: {tmp_path / 'missing.json'}\n"
+                   "max-model-len: 512\n")
+    out = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", "tiny-llama", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot read the default steering file" in out.stderr, out.stderr[-2000:]
+    assert (tmp_path / "from-yaml").is_dir()  # --vectors came from the YAML too
+    helped = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", "--help=vsteer"],
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "--default-steering" in helped.stdout and "--vectors" in helped.stdout
+
+
+@server_test
+def test_vsteer_logs_through_vllms_logger(server):
+    """vsteer's INFO lines appear in the server output in vLLM's format (its handler and
+    VLLM_LOGGING_CONFIG_PATH apply to the ``vllm.vsteer`` logger)."""
+    import httpx
+
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1,
+                                                        "steering": {"vectors": [{"name": "happy"}]}}, timeout=120)
+    assert r.status_code == 200
+    lines = [line for line in server.log.read_text(errors="replace").splitlines() if "this API server is steering" in line]
+    assert lines and " INFO " in lines[0] and "[request_fields.py" in lines[0], lines[:1]

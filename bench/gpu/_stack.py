@@ -210,6 +210,17 @@ def llama_layer(hidden: int, n: int, dtype, device):
     return layer, lambda: layer(x, position_embeddings=pe, position_ids=pos)
 
 
+def previous_op(hidden_states: torch.Tensor, layer: int) -> None:
+    """The op before issue 12 (``add_steering_`` at ea9edf8, called on ``output[0]``): the
+    timing baseline. Same tables, same eager skip."""
+    tables = ops._TABLES
+    slot = tables.slot_of.get(layer) if tables is not None else None
+    if slot is None or (not tables.layer_active[slot] and not ops._capturing()):
+        return
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    flat.add_(tables.tables[slot].index_select(0, tables.rows[: flat.shape[0]]))
+
+
 def fill_tables(tables, case: str, n: int, g: torch.Generator) -> None:
     """A serving-like step for the timings: up to 256 requests over 64 configs, all
     add-only ("add_only") or half of them projecting ("mixed"), or nothing ("none")."""

@@ -24,7 +24,8 @@ GPU box.
 2. Timing (bf16; hidden 4096 and 8192; 256 and 8192 tokens; 256 table rows, 64 configs):
    the op in its eager add-only path (= the op before issue 12), its eager path with half
    the configs projecting, and its branch-free path (what a CUDA-graph replay runs, for an
-   add-only step: run eagerly, and replayed from a graph), each as a fraction of one
+   add-only step: run eagerly, and replayed from a graph), and the op before issue 12
+   (``prev_op``: the plain add, eager and replayed), each as a fraction of one
    transformers ``LlamaDecoderLayer`` (Llama-3 8B / 70B shapes, one causal sequence, SDPA)
    timed the same way (eager / graph replay); and the layer with the op under
    ``torch.compile``, add-only and mixed steps vs an idle op.
@@ -203,7 +204,7 @@ def timeit(fn, device: torch.device, reps: int) -> float:
 
 
 def timing(device: torch.device, shapes: list[tuple[int, int]], reps: int, compile_too: bool) -> None:
-    from _stack import fill_tables, llama_layer
+    from _stack import fill_tables, llama_layer, previous_op
 
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(2)
@@ -216,16 +217,17 @@ def timing(device: torch.device, shapes: list[tuple[int, int]], reps: int, compi
         h = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         r = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         row = {"hidden": hidden, "tokens": n, "device": str(device)}
-        with torch.no_grad():
+        with torch.no_grad():  # the ops are timed as Python functions, like previous_op (no dispatcher cost)
             row["layer_s"] = timeit(run_layer, device, reps)
             for case in ("add_only", "mixed"):
                 fill_tables(tables, case, n, g)
-                row[f"op_{case}_eager_s"] = timeit(lambda: torch.ops.vsteer.steer_residual_(h, r, 0), device, reps)
+                row[f"op_{case}_eager_s"] = timeit(lambda: ops.steer_residual_(h, r, 0), device, reps)
             # what a CUDA-graph replay runs for an add-only step (the branch-free path), run eagerly
             fill_tables(tables, "add_only", n, g)
+            row["prev_op_eager_s"] = timeit(lambda: previous_op(h, 0), device, reps)
             saved, ops._capturing = ops._capturing, lambda: True
             try:
-                row["op_full_path_eager_s"] = timeit(lambda: torch.ops.vsteer.steer_residual_(h, r, 0), device, reps)
+                row["op_full_path_eager_s"] = timeit(lambda: ops.steer_residual_(h, r, 0), device, reps)
             finally:
                 ops._capturing = saved
             if graphs:
@@ -234,11 +236,15 @@ def timing(device: torch.device, shapes: list[tuple[int, int]], reps: int, compi
                 with torch.cuda.graph(graph):
                     torch.ops.vsteer.steer_residual_(h, r, 0)
                 row["op_captured_s"] = timeit(graph.replay, device, reps)
+                pgraph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(pgraph):
+                    previous_op(h, 0)
+                row["prev_op_captured_s"] = timeit(pgraph.replay, device, reps)
                 lgraph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(lgraph):
                     run_layer()
                 row["layer_captured_s"] = timeit(lgraph.replay, device, reps)
-                del graph, lgraph
+                del graph, lgraph, pgraph
             if compile_too:
                 compiled = torch.compile(run_layer, dynamic=False)
                 hooked = layer.register_forward_hook(lambda m, a, out: ops.hook_output(out, 0))
@@ -249,8 +255,8 @@ def timing(device: torch.device, shapes: list[tuple[int, int]], reps: int, compi
                     row[f"compiled_layer_op_{case}_s"] = timeit(compiled, device, reps)
                 hooked.remove()
                 torch._dynamo.reset()
-        for k in [k for k in row if k.startswith("op_")]:
-            base = row["layer_captured_s"] if k == "op_captured_s" else row["layer_s"]
+        for k in [k for k in row if k.startswith(("op_", "prev_op_"))]:
+            base = row["layer_captured_s"] if k.endswith("captured_s") else row["layer_s"]
             row[k[:-2] + "_fraction"] = row[k] / base
         if compile_too:
             for case in ("add_only", "mixed"):
