@@ -37,7 +37,7 @@ tools:
 	  (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1; }
 
 test: setup tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not vllm and not server" tests

@@ -61,7 +61,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hf: the HF extraction cases above; vllm: HF engine vs vLLM engine vs plain vLLM prefill")
     p.add_argument("--mixed-pairs", type=int, default=512, help="--engine vllm: generated pairs (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="--engine vllm: the engines' token budget")
+    p.add_argument("--max-join", type=int, default=8,
+                   help="--engine vllm: at most this many bundled texts joined into one side (default: %(default)s)")
+    p.add_argument("--warmup-pairs", type=int, default=64,
+                   help="--engine vllm: pairs of the untimed warm-up pass on each engine (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def report_lines_vllm(result: dict) -> list[str]:
+    """The RESULTS.md section of ``--engine vllm`` (bench/run_all.py calls this)."""
+    p = result["params"]
+    lines = ["## Extraction inside vLLM (`bench/extraction.py --engine vllm`)", "",
+             f"{p['model']}: {p['n_pairs']} pairs generated deterministically from the bundled ones ({p['texts']} "
+             f"texts, {p['tokens']} tokens; text length min / median / max {p['length_min']} / "
+             f"{p['length_median']} / {p['length_max']} tokens, bundled median {p['bundled_length_median']}), every "
+             f"layer, token position `{p['token_position']}`, {p['dtype']}, {p['reps']} rounds. HF engine: "
+             f"`extract_caa`, batch {p['batch_size']} pairs. vLLM engine: `vsteer extract --engine vllm`'s "
+             f"`extract_caa_vllm` (torch.compile, chunked prefill at {p['max_num_batched_tokens']} tokens per step, "
+             "prefix caching). Plain vLLM prefill: the same prompts, `max_tokens=1`, on an engine without the "
+             "capture hooks.", "",
+             "| case | tok/s (median) | vLLM engine speed-up over it |", "|---|---|---|"]
+    rounds = result["raw_rounds"]
+    for name, tps in result["tok_s"].items():
+        ratio = C.median([r["vllm_engine"] / r[name] for r in rounds])
+        lines.append(f"| {name} | {tps:.1f} | {ratio:.2f}x |")
+    lines.append("")
+    for chk in result.get("checks", []):
+        lines.append(f"* {chk['target']}: {chk['value']:.2f} ({'met' if chk['met'] else '**not met**'})")
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 PREAMBLES = 4
 
 
-def mixed_pairs(n: int, seed: int = 0):
+def mixed_pairs(n: int, seed: int = 0, max_join: int = 8):
     """``n`` contrast pairs of mixed lengths, the same on every run: each joins 1-8 bundled
     texts of one side (sentiment, formality, refusal, conciseness; the pair's own set, so the
     behaviour stays the same), keeps the bundled prompt, and half of them sit behind one of
@@ -194,7 +222,7 @@ def mixed_pairs(n: int, seed: int = 0):
     for i in range(n):
         pool = sets[i % len(sets)]
         base = pool[(i // len(sets)) % len(pool)]
-        k = rng.choice([1, 1, 2, 3, 5, 8])
+        k = rng.choice([j for j in (1, 1, 2, 3, 5, 8) if j <= max_join])
         extra = [pool[rng.randrange(len(pool))] for _ in range(k - 1)]
         pos = " ".join([base.positive] + [p.positive for p in extra])
         neg = " ".join([base.negative] + [p.negative for p in extra])
@@ -210,12 +238,12 @@ def main_vllm(args: argparse.Namespace) -> int:
     import vllm
 
     from vsteer.engine.models import load_hf
-    from vsteer.extract import extract_caa
+    from vsteer.extract import ContrastPairDataset, extract_caa
     from vsteer.extract.vllm_engine import capture_llm, extract_caa_vllm, tokenize_texts
 
     path = C.resolve_model(args.model)
     model, tok = load_hf(path, dtype=args.dtype)
-    pairs = mixed_pairs(args.mixed_pairs)
+    pairs = mixed_pairs(args.mixed_pairs, max_join=args.max_join)
     pos, neg = tokenize_texts(tok, pairs)
     lengths = [len(x) for x in pos + neg]
     tokens = sum(lengths)
@@ -243,9 +271,11 @@ def main_vllm(args: argparse.Namespace) -> int:
                        vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
 
     cases = {"hf_engine": run_hf, "vllm_engine": run_vllm_engine, "vllm_prefill": run_prefill}
-    C.log("warm-up")
-    run_vllm_engine()
-    run_prefill()
+    C.log(f"warm-up on {args.warmup_pairs} pairs (compiles the shapes; untimed)")
+    warm = ContrastPairDataset(list(pairs)[: args.warmup_pairs], name="warm-up")
+    extract_caa_vllm(capture, warm, layers="all", token_position=args.token_position, progress=False, tokenizer=tok)
+    plain.generate(prompts[: 2 * args.warmup_pairs], vllm.SamplingParams(max_tokens=1, temperature=0.0,
+                                                                          detokenize=False), use_tqdm=False)
     rounds = []
     for r in range(args.reps):
         row = {}
@@ -272,7 +302,8 @@ def main_vllm(args: argparse.Namespace) -> int:
                    "length_median": sorted(lengths)[len(lengths) // 2],
                    "bundled_length_median": sorted(bundled)[len(bundled) // 2], "batch_size": args.batch_size,
                    "token_position": args.token_position, "layers": "all", "reps": args.reps, "dtype": args.dtype,
-                   "max_num_batched_tokens": args.max_num_batched_tokens, "torch_threads": torch.get_num_threads()},
+                   "max_num_batched_tokens": args.max_num_batched_tokens, "max_join": args.max_join,
+                   "warmup_pairs": args.warmup_pairs, "torch_threads": torch.get_num_threads()},
         "tok_s": tps, "vllm_engine_vs_prefill": vs_prefill, "vllm_engine_vs_hf": vs_hf, "checks": checks,
         "raw_rounds": rounds,
         "notes": ["tokens = real tokens of all texts once; the HF engine pads each batch",

@@ -112,5 +112,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_lines(result: dict) -> list[str]:
+    """The RESULTS.md section (bench/run_all.py calls this)."""
+    p = result["params"]
+    lines = ["## Operators on SmolLM2 (`bench/ops_study.py`)", "",
+             f"{p['model']}, greedy, up to {p['max_new_tokens']} new tokens, {p['random_baselines']} same-norm random "
+             f"directions per point. Refusal vector: {p['refusal_vector']}.", "",
+             "**Ablating the refusal direction** (`op: ablate`): share of answers that open with a refusal phrase.", "",
+             "| prompts | n | unsteered | ablated layers | refusal rate [95% CI] | perplexity ratio | z vs random |",
+             "|---|---|---|---|---|---|---|"]
+
+    def band(layers: list[int]) -> str:
+        return f"{layers[0]}-{layers[-1]} ({len(layers)})"
+
+    for label, r in result["refusal"].items():
+        for a in r["ablations"]:
+            ci = a.get("behaviour_ci95") or [None, None]
+            lines.append(f"| {label} | {r['n_prompts']} | {r['unsteered']['behaviour']:.2f} | {band(a['layers'])} | "
+                         f"{a['behaviour']:.2f} [{_num(ci[0])}, {_num(ci[1])}] | {_num(a['ppl_ratio'])} | "
+                         f"{_num(a.get('z_vs_random'), 1)} |")
+    n = result["norm_preserve"]
+    lines += ["", f"**`norm: preserve` at the sentiment trade-off point** (layer {n['layer']}, {n['n_prompts']} "
+              f"prompts; unsteered behaviour {n['unsteered']['behaviour']:.2f}, perplexity "
+              f"{n['unsteered']['perplexity']:.2f}):", "",
+              "| strength | norm | behaviour (nats) | perplexity ratio | distinct-2 |", "|---|---|---|---|---|"]
+    for pt in sorted(n["points"], key=lambda q: (q["strength"], q["norm"])):
+        lines.append(f"| {pt['strength']:g} | {pt['norm']} | {pt['behaviour']:.2f} | {_num(pt['ppl_ratio'])} | "
+                     f"{_num(pt['distinct_2'])} |")
+    lines.append("")
+    return lines
+
+
+def _num(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -167,7 +167,7 @@ def render(res: dict) -> str:
     L.append(_table(["behaviour", "tuned recipe", "unsteered", "prompting", "steering", "z vs random",
                      "steering + prompting", "targets met", "targets not met"], rows))
     L += ["", "Search frontier on the `select` half: per band and positions, the best in-budget candidate "
-          f"(behaviour, perplexity ratio), and the strongest candidate tried:", ""]
+          "(behaviour, perplexity ratio), and the strongest candidate tried:", ""]
     for name, r in res["behaviours"].items():
         groups: dict = {}
         for c in r["search"]:

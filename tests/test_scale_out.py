@@ -67,7 +67,9 @@ def test_ray_backend_on_cpu_is_refused_by_vllm_itself(tiny_model_path):
         found = re.search(r"^RESULT (.*)$", out.stdout, flags=re.M)
         assert found, out.stdout[-2000:] + out.stderr[-3000:]
         root_cause = re.search(r"ValueError: current platform \w+ does not support ray", out.stdout + out.stderr)
-        results[plugin] = (found.group(1), root_cause.group(0) if root_cause else None)
+        # vLLM lists the failed core processes only if they have exited by the time it looks: a race.
+        outcome = re.sub(r"\s*Failed core proc\(s\):.*$", "", found.group(1))
+        results[plugin] = (outcome, root_cause.group(0) if root_cause else None)
     assert results["off"][1] == "ValueError: current platform cpu does not support ray", results
     assert results["on"] == results["off"]
 

