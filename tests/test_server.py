@@ -344,6 +344,11 @@ def _scrape(server) -> dict[tuple[str, tuple], float]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
+    from vsteer.serving.metrics import MIN_PULL_INTERVAL_S
+
+    # A scrape pulls the workers' counters only if the last pull is older than
+    # MIN_PULL_INTERVAL_S; wait it out so every scrape here reads fresh worker counts.
+    time.sleep(MIN_PULL_INTERVAL_S + 0.2)
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     out: dict[tuple[str, tuple], float] = {}
     for family in text_string_to_metric_families(text):
