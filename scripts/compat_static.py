@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the non-GPU requirements of vllm that nothing installed provides, one a line")
     args = ap.parse_args(argv)
     if args.missing_requirements:
-        print("\n".join(missing_requirements()[0]))
+        for req in missing_requirements()[0]:
+            print(req)
         return 0
     report = run(args.expect)
     for m, v in report["modules"].items():

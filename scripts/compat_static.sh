@@ -59,7 +59,7 @@ install() {
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" || return 1
   # requirements this vllm imports that the CPU venv lacks (orjson from 0.33), never the
   # GPU-only ones (CUDA torch, flashinfer, ...: GPU_ONLY in compat_static.py)
-  mapfile -t extra < <("$venv/bin/python" scripts/compat_static.py --missing-requirements)
+  mapfile -t extra < <("$venv/bin/python" scripts/compat_static.py --missing-requirements | grep .)
   if [ ${#extra[@]} -gt 0 ]; then
     echo "installing into this venv only: ${extra[*]}"
     "$venv/bin/python" -m pip install -q --no-deps "${extra[@]}" || return 1
