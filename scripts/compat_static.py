@@ -303,6 +303,16 @@ def run(expect: str | None) -> dict[str, Any]:
         report["runners"][gen] = {"class": cls_ref, "present": present, "absent_because": why,
                                   "checks": checks, "failed": sum(not c["ok"] for c in checks)}
     report["worker_runner"] = worker_runner_choice()
+    report["bound_by_name"] = {}
+    for p in vllm_patches._table():
+        if p.also_bound_in:
+            target = p.target.rpartition(".")[0] if "." in p.target.partition(":")[2] else p.target
+            try:
+                bound = name_bindings(target)
+            except Exception as e:  # noqa: BLE001
+                bound = [f"scan failed: {_short(e)}"]
+            report["bound_by_name"][p.target] = {"listed": list(p.also_bound_in), "found": bound,
+                                                 "not_listed": [m for m in bound if m not in p.also_bound_in]}
     report["requirements_not_installed"] = missing_requirements()[1]
     bad_modules = [m for m, v in report["modules"].items() if v != "ok"]
     bad_refs = [r for r, v in report["refs"].items() if v != "ok"]
@@ -318,6 +328,39 @@ def run(expect: str | None) -> dict[str, Any]:
                          f"vsteer's patch table{entry_note}; {len(bad_modules)} table module(s) and "
                          f"{len(bad_refs)} name(s) not importable; {gens}")
     return report
+
+
+def name_bindings(target: str) -> list[str]:
+    """Modules of the vllm package that bind ``module:attr`` by name (``from m import attr``,
+    relative imports included): a patch must replace the name there too (``also_bound_in``)."""
+    import vllm
+
+    module, _, attr = target.partition(":")
+    root = os.path.dirname(vllm.__file__)
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, f)
+            text = open(path, encoding="utf-8", errors="replace").read()
+            if attr not in text:
+                continue
+            rel = os.path.relpath(path, os.path.dirname(root))[:-3].replace(os.sep, ".")
+            name = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+            package = name if f == "__init__.py" else name.rpartition(".")[0]
+            try:
+                tree = ast.parse(text)
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and any(a.name == attr and a.asname in (None, attr)
+                                                            for a in node.names):
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                    source = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+                    if source == module and name != module:
+                        found.append(name)
+    return sorted(set(found))
 
 
 def worker_runner_choice() -> dict[str, Any]:
@@ -393,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in r["checks"]:
             if not c["ok"]:
                 print(f"runner {gen}: {c['kind']} {c['ref']} {c['detail']}: {c['info']}")
+    for target, b in report.get("bound_by_name", {}).items():
+        if b["not_listed"]:
+            print(f"note: {target} is also bound by name in {', '.join(b['not_listed'])} (not in also_bound_in)")
     print(f"hook points from {report['hook_source']}")
     if args.out:
         with open(args.out, "w") as f:
