@@ -119,7 +119,9 @@ def hf_references(model_path: str, device: str, hidden: int, layers: int, regist
             gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=0, eos_token_id=None)
-        out[key] = (gen.sequences[0, len(ids):].tolist(), torch.log_softmax(gen.logits[0][0].float(), -1).cpu())
+        margins = [float(t[0] - t[1]) for t in (lg[0].float().topk(2).values for lg in gen.logits)]
+        out[key] = (gen.sequences[0, len(ids):].tolist(), torch.log_softmax(gen.logits[0][0].float(), -1).cpu(),
+                    margins)
     del model
     return out
 
@@ -144,10 +146,12 @@ def parity_task(llm_generate, cfg: dict[str, Any], tokenizer_path: str, registry
     for n, cases, outs in got_all:
         mism, lp_diff = [], 0.0
         for (ids, spec), (tokens, logprobs) in zip(cases, outs):
-            ref_tokens, ref_lp = refs[(tuple(ids), json.dumps(spec, sort_keys=True))]
+            ref_tokens, ref_lp, margins = refs[(tuple(ids), json.dumps(spec, sort_keys=True))]
             if tokens != ref_tokens:
                 first = next(i for i, (x, y) in enumerate(zip(tokens + [None], ref_tokens + [None])) if x != y)
-                mism.append({"spec": spec, "first_diff": first, "vllm": tokens, "hf": ref_tokens})
+                mism.append({"spec": spec, "first_diff": first, "vllm": tokens, "hf": ref_tokens,
+                             # a near tie in the reference's logits there points at numerics, not steering
+                             "hf_top2_logit_margin_at_diff": margins[first] if first < len(margins) else None})
             for token_id, lp in (logprobs or {}).items():
                 lp_diff = max(lp_diff, abs(lp - float(ref_lp[token_id])))
             if spec and spec.get("vectors"):
