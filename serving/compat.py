@@ -68,7 +68,7 @@ V0_32 = VLLMCompat(
                      "vllm.entrypoints.openai.responses.protocol:ResponsesRequest"),
     build_app="vllm.entrypoints.launchers.app:build_app",
     build_app_bound_in=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server",
-                        "__main__"),
+                        "vllm.entrypoints.launchers.render.entry", "__main__"),
     api_server_modules=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.launchers.app"),
     serve_names={"ServeSubcommand": "vllm.entrypoints.cli.serve:ServeSubcommand",
                  "run_server": "vllm.entrypoints.launchers.api_server.entry:run_server",

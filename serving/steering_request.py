@@ -20,6 +20,7 @@ Client-sent ``steering``/``vsteer``/``vsteer_rows`` keys never pass the front-en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -66,7 +67,12 @@ class SteeringRequest:
                 "positions": self.positions, "labels": list(self.labels), "source": self.source, "alias": self.alias}
 
     def seal(self) -> dict[str, Any]:
-        """The ``extra_args[PINS_KEY]`` value, with a MAC made in this process."""
+        """The ``extra_args[PINS_KEY]`` value, with a MAC made in this process (computed once
+        per cached request, then shared: nobody mutates it)."""
+        return self._sealed
+
+    @functools.cached_property
+    def _sealed(self) -> dict[str, Any]:
         body = self._body()
         return {**body, "seal": _mac(body)}
 
