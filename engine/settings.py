@@ -66,6 +66,10 @@ class Settings(BaseModel):
                                                              "when /metrics is scraped)")
     lease_grace_s: float = Field(120.0, gt=0, description="how long a replaced vector version stays on disk "
                                                           "after the last request pinning it finished")
+    registry_lock_timeout_s: float = Field(5.0, gt=0, description="longest wait for the registry's lock (a "
+                                                                  "writer in any process); then 503 registry_busy")
+    registry_read_threads: int = Field(4, ge=1, le=64, description="threads each API server reads the registry "
+                                                                   "with (a pool of their own, apart from asyncio's)")
 
     @property
     def steerable_layers(self) -> set[int] | None:
