@@ -62,8 +62,10 @@ class Settings(BaseModel):
     import_dirs: str | None = Field(None, description="extra directories the admin route may load sets from "
                                                       "by path (os.pathsep-separated)")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="largest admin request body")
-    metrics_refresh_s: float = Field(30.0, ge=0, description="background pull of worker counters (0: only "
-                                                             "when /metrics is scraped)")
+    metrics_refresh_s: float = Field(5.0, ge=0, description="pull of worker counters every this many seconds "
+                                                            "while requests come in (0: only when /metrics is "
+                                                            "scraped): their staleness bound with several API "
+                                                            "servers")
     lease_grace_s: float = Field(120.0, gt=0, description="how long a replaced vector version stays on disk "
                                                           "after the last request pinning it finished")
     registry_lock_timeout_s: float = Field(5.0, gt=0, description="longest wait for the registry's lock (a "

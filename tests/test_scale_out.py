@@ -137,8 +137,9 @@ def test_data_parallel_server_with_two_api_servers(tiny_model_path, tmp_path):
             for s in family.samples:
                 values[(s.name, tuple(sorted(s.labels.items())))] = s.value
 
-        def m(name, **labels):
-            return values.get((name, tuple(sorted({"model_name": "tiny-llama", **labels}.items()))), 0.0)
+        def m(name, **labels):  # summed over the series with these labels (worker ones: per engine)
+            want = set({"model_name": "tiny-llama", **labels}.items())
+            return sum(v for (n, ls), v in values.items() if n == name and want <= set(ls))
 
         assert m("vsteer_requests_total", steered="true") == n // 2
         assert m("vsteer_requests_total", steered="false") == n // 2
