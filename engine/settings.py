@@ -8,6 +8,12 @@ docs/configuration.md lists them (a test keeps that table and this class in step
 Call ``settings()`` where a value is needed rather than caching it at import: tests and
 notebooks change the environment between engines (``set_vectors_dir``). It re-parses only
 when a ``VSTEER_*`` variable changed.
+
+Why not ``pydantic-settings``: the class already is a pydantic model (types, bounds and
+messages come from pydantic either way), and what is hand-written here would stay: the
+cache keyed on the ``VSTEER_*`` snapshot, parsing a given mapping (``parse_env``), errors
+that name the variable. It would replace a four-line loop, read ``vsteer_x`` too unless
+every field got an alias, and add its import (~0.4 s) to every vLLM worker and CLI call.
 """
 
 from __future__ import annotations
