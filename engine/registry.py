@@ -45,6 +45,7 @@ from .cache import ByteLRU, tensor_bytes
 from .errors import RegistryBusyError, UnknownVectorError, VectorFileError, VersionGoneError
 from .formats import METADATA_FILE, check_compatible, load_vector_set, read_metadata, save_vector_set, set_sha256
 from .leases import LeaseKeeper
+from .registry_prune import prune_after_write, prune_versions
 from .registry_files import (
     ADOPT_PREFIX,
     LEASES_DIR,
@@ -92,7 +93,7 @@ class VectorRegistry:
         self._listing: tuple[int, float, list[str]] | None = None
         self._meta_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self.leases = LeaseKeeper.for_root(self.root / LEASES_DIR)
-        self.untrusted_seen: set[Path] = set()  # version directories already warned about
+        self.untrusted: dict[Path, tuple] = {}  # version directories found changed by hand (and their stat)
 
     # -- paths -----------------------------------------------------------------------
     def path_for(self, name: str) -> Path:
@@ -355,17 +356,6 @@ class VectorRegistry:
             os.rename(live, dest)
         return sha
 
-    def _point(self, name: str, sha: str) -> None:
-        """Make ``name`` point at version ``sha`` with one atomic rename."""
-        link = self.temp_path(self.root)
-        os.symlink(os.path.join(VERSIONS_DIR, name, sha), link)
-        try:
-            os.replace(link, self.root / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(link)
-            raise
-
     def add(self, name: str, vs: SteeringVectorSet, *, overwrite: bool = False) -> Path:
         """Add (or with ``overwrite`` replace) a named set; atomic for every reader."""
         path = self.path_for(name)
@@ -375,16 +365,23 @@ class VectorRegistry:
                 raise FileExistsError(f"{name!r} already holds a vector set (pass overwrite=True to replace it)")
             sha = self._write_version(name, vs)
             old = (self.link_target(name) if path.is_symlink() else self.live_sha(name)) if exists else None
-            if path.exists() and not path.is_symlink():
-                old = self._adopt_plain_directory(name)
-            self._point(name, sha)
+            link = self.temp_path(self.root)  # made before anything live moves: failing here changes nothing
+            os.symlink(os.path.join(VERSIONS_DIR, name, sha), link)
+            try:
+                if path.exists() and not path.is_symlink():
+                    old = self._adopt_plain_directory(name)
+                os.replace(link, path)  # the swap: one atomic rename
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(link)
+                raise
             with contextlib.suppress(OSError):
                 (self.root / (ADOPT_PREFIX + name)).unlink()
             if old != sha:
                 self._retire(name, old)
             with contextlib.suppress(OSError):
                 (self.version_path(name, sha) / RETIRED_MARK).unlink()
-            self.prune_versions()
+            prune_after_write(self)
         self._listing = None
         return path
 
@@ -398,20 +395,21 @@ class VectorRegistry:
             if path.is_symlink():
                 sha = self.link_target(name)
                 path.unlink()
+            elif self.live_sha(name) is None:  # hand-made and unreadable: nothing could pin it
+                sha = None
+                remove_path(path, self.temp_path(self.root))
             else:
                 sha = self._adopt_plain_directory(name)
                 with contextlib.suppress(OSError):  # removed: missing is the answer now
                     (self.root / (ADOPT_PREFIX + name)).unlink()
             self._retire(name, sha)
-            self.prune_versions()
+            prune_after_write(self)
         self._listing = None
 
     def prune_versions(self) -> int:
         """Delete versions that are neither live nor leased, retired for longer than the
         grace period, whose content still hashes to their name. Call with the write lock
         held; returns how many were deleted (``vsteer.engine.registry_prune``)."""
-        from .registry_prune import prune_versions
-
         return prune_versions(self)
 
 

@@ -49,7 +49,7 @@ def prune_versions(reg: "VectorRegistry") -> int:
                 continue
             if since > cutoff or reg.leases.is_leased(name_dir.name, version.name, grace):
                 continue
-            if not _hashes_to_its_name(version, reg.untrusted_seen):
+            if not _hashes_to_its_name(version, reg.untrusted):
                 continue
             remove_path(version, reg.temp_path(name_dir))
             removed += 1
@@ -59,15 +59,33 @@ def prune_versions(reg: "VectorRegistry") -> int:
     return removed
 
 
-def _hashes_to_its_name(version: Path, warned: set[Path]) -> bool:
-    """The recorded hash and the tensors' hash both equal the directory's name."""
+def prune_after_write(reg: "VectorRegistry") -> None:
+    """Prune after a write that has happened: a failure (a version that cannot be deleted)
+    is logged, never reported as a failed write, and the next write tries again."""
+    try:
+        prune_versions(reg)
+    except OSError as e:
+        logger.warning("vsteer: could not delete old vector versions under %s (%s); the next write tries again",
+                       reg.root, e)
+
+
+def _hashes_to_its_name(version: Path, untrusted: dict[Path, tuple]) -> bool:
+    """The recorded hash and the tensors' hash both equal the directory's name. A directory
+    found changed is not read again until its files change (``untrusted``: their stat)."""
+    try:
+        stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(version.iterdir()))
+    except OSError:
+        return False
+    if untrusted.get(version) == stamp:
+        return False
     try:
         if read_metadata(version)["sha256"] == version.name and set_sha256(load_vector_set(version)) == version.name:
+            untrusted.pop(version, None)
             return True
     except (VectorFileError, OSError, ValueError, KeyError):
         pass
-    if version not in warned:
-        warned.add(version)
+    if version not in untrusted:
         logger.warning("vsteer: %s was changed after vsteer wrote it (its content no longer hashes to its name); "
                        "it is kept: move it away once nothing needs it", version)
+    untrusted[version] = stamp
     return False

@@ -266,3 +266,89 @@ def test_both_files_are_written_with_the_process_umask(tmp_path, umask):
     version = (tmp_path / "v").resolve()
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in version.iterdir() if not f.name.startswith(".")}
     assert modes == {"vectors.safetensors": 0o666 & ~umask, "vsteer.json": 0o666 & ~umask}, modes
+
+
+# found attacking the fixes as an operator ------------------------------------------------------------------
+
+def test_reads_in_another_process_racing_deletes_are_unknown_never_broken(tmp_path):
+    """Two replicas on one volume: one adds and deletes, the other reads 150 times."""
+    churn = textwrap.dedent(f"""
+        import sys, time, torch
+        from vsteer.engine import SteeringVectorSet, VectorRegistry
+        reg = VectorRegistry({str(tmp_path)!r})
+        print("go", flush=True)
+        end = time.monotonic() + 60
+        i = 0
+        while time.monotonic() < end and not sys.stdin.closed:
+            i += 1
+            reg.add("v", SteeringVectorSet("v", {{1: torch.full(({H},), float(i))}}), overwrite=True)
+            reg.remove("v")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", churn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "VSTEER_CACHE_BYTES": "0"})
+    try:
+        assert proc.stdout.readline().strip() == "go"
+        reasons: dict[str, int] = {}
+        for _ in range(150):
+            try:
+                SteeringResolver(VectorRegistry(tmp_path), hidden_size=H, num_layers=L).resolve(
+                    {"vectors": [{"name": "v"}]})
+                reasons["ok"] = reasons.get("ok", 0) + 1
+            except SteeringError as e:
+                reasons[e.reason] = reasons.get(e.reason, 0) + 1
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert set(reasons) <= {"ok", "unknown_vector"}, reasons
+
+
+def test_a_broken_hand_made_set_can_be_deleted(tmp_path):
+    """It answers bad_vector_file to every request; deleting it used to fail (500) because
+    the registry tried to keep its (unreadable) content for pinned requests."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "vsteer.json").write_text("{not json")
+    reg = VectorRegistry(tmp_path)
+    reg.remove("broken")
+    assert not (tmp_path / "broken").exists() and reg.names() == []
+
+
+def test_a_failed_swap_leaves_the_hand_made_set_live(tmp_path, monkeypatch):
+    """No room for the new link: the write fails before the hand-made set is moved (it
+    used to be moved first, leaving the name missing)."""
+    import errno
+
+    from vsteer.engine.formats import save_vector_set
+
+    save_vector_set(_set(1.0), tmp_path / "v")
+    reg = VectorRegistry(tmp_path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", no_space)
+    with pytest.raises(OSError):
+        reg.add("v", _set(2.0), overwrite=True)
+    monkeypatch.undo()
+    assert reg.load("v").vectors[1][0] == 1.0 and not (tmp_path / "v").is_symlink()
+
+
+def test_a_prune_failure_does_not_fail_a_write_that_happened(tmp_path, monkeypatch):
+    from vsteer.engine import registry_prune
+
+    monkeypatch.setenv("VSTEER_LEASE_GRACE_S", "0.05")
+    reg = VectorRegistry(tmp_path)
+    reg.add("v", _set(1.0))
+    reg.add("v", _set(2.0), overwrite=True)
+    time.sleep(0.1)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    original = registry_prune.remove_path
+    monkeypatch.setattr(registry_prune, "remove_path", denied)
+    reg.add("v", _set(3.0), overwrite=True)  # swapped; the old versions stay for the next write
+    assert reg.load("v").vectors[1][0] == 3.0
+    monkeypatch.setattr(registry_prune, "remove_path", original)
+    time.sleep(0.1)
+    reg.add("v", _set(4.0), overwrite=True)
+    assert len(list((tmp_path / ".versions" / "v").iterdir())) <= 2  # the next write pruned them
