@@ -26,8 +26,7 @@ hand-made directory is taken over, and every wait (readers' and writers') gives 
 ``VSTEER_REGISTRY_LOCK_TIMEOUT_S`` with ``RegistryBusyError``. A read that races a delete
 or an overwrite looks again: a name that went away is unknown, never a broken file.
 
-Names are plain identifiers; a name can never reach outside the root (no separators,
-no ``..``, symlinks resolved and checked).
+Names are plain identifiers that never reach outside the root (symlinks resolved, checked).
 """
 
 from __future__ import annotations
@@ -136,6 +135,19 @@ class VectorRegistry:
         out.sort()
         self._listing = (mtime, now, out)
         return list(out)
+
+    def live_version(self, name: str) -> str | None:
+        """The content hash ``name`` points at, read from its symlink alone (no lock, no
+        file read: a cache can check it per request; what is live is the link, not metadata
+        someone may have rewritten). None for anything else (absent, a hand-made directory)."""
+        try:
+            target = os.readlink(self.root / name)
+        except OSError:
+            return None
+        parts = target.split(os.sep)
+        if len(parts) != 3 or parts[0] != VERSIONS_DIR or parts[1] != name or not SHA_RE.fullmatch(parts[2]):
+            return None
+        return parts[2]
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -316,14 +328,6 @@ class VectorRegistry:
             raise
         return sha
 
-    def link_target(self, name: str) -> str | None:
-        """The version directory the live symlink names (None for a hand-made directory):
-        what is live is decided by the link, not by metadata someone may have rewritten."""
-        try:
-            return os.path.basename(os.readlink(self.root / name))
-        except OSError:
-            return None
-
     def _retire(self, name: str, sha: str | None) -> None:
         if sha is None:
             return
@@ -364,7 +368,7 @@ class VectorRegistry:
             if exists and not overwrite:
                 raise FileExistsError(f"{name!r} already holds a vector set (pass overwrite=True to replace it)")
             sha = self._write_version(name, vs)
-            old = (self.link_target(name) if path.is_symlink() else self.live_sha(name)) if exists else None
+            old = (self.live_version(name) if path.is_symlink() else self.live_sha(name)) if exists else None
             link = self.temp_path(self.root)  # made before anything live moves: failing here changes nothing
             os.symlink(os.path.join(VERSIONS_DIR, name, sha), link)
             try:
@@ -393,7 +397,7 @@ class VectorRegistry:
                     path.unlink()
                 raise UnknownVectorError(name)
             if path.is_symlink():
-                sha = self.link_target(name)
+                sha = self.live_version(name)
                 path.unlink()
             elif self.live_sha(name) is None:  # hand-made and unreadable: nothing could pin it
                 sha = None

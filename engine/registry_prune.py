@@ -38,7 +38,7 @@ def prune_versions(reg: "VectorRegistry") -> int:
     for name_dir in list(base.iterdir()):
         if not name_dir.is_dir() or not NAME_RE.fullmatch(name_dir.name):
             continue
-        live = {reg.link_target(name_dir.name), reg.live_sha(name_dir.name)}
+        live = {reg.live_version(name_dir.name), reg.live_sha(name_dir.name)}
         for version in list(name_dir.iterdir()):
             if version.name in live or not SHA_RE.fullmatch(version.name):
                 continue

@@ -132,23 +132,42 @@ class _WithReplacement:
 
 def check_default_steering(st: ServerState, name: str, replacement: SteeringVectorSet | None) -> None:
     """409 if removing (or replacing with ``replacement``) ``name`` would break the
-    default steering, which every plain request gets."""
-    if st.default_resolved is None or name not in st.default_resolved.versions:
-        return
+    default steering, which every plain request gets, or a steered model (a model name
+    clients request; replicas sharing the directory see the same run-time ones). The
+    caller holds ``st.aliases.lock()``."""
     resolver = SteeringResolver(_WithReplacement(st.registry, name, replacement),  # type: ignore[arg-type]
                                 hidden_size=st.hidden_size, num_layers=st.num_layers,
                                 steerable=st.resolver.steerable, dtype=st.resolver.dtype)
+    what = "removing" if replacement is None else "this replacement of"
+    if st.default_resolved is not None and name in st.default_resolved.versions:
+        error = _breaks(resolver, st.default_steering)
+        if error is not None:
+            raise AdminError(409, f"{what} {name!r} would break the server's default steering "
+                                  f"({st.config.default_steering_source}): {error}", "used_by_default_steering",
+                             "name")
+    for model in (st.aliases.using(name) if st.aliases is not None else ()):
+        error = _breaks(resolver, model.spec)
+        if error is not None:
+            raise AdminError(409, f"{what} {name!r} would break the steered model {model.name!r}: {error}",
+                             "used_by_steered_model", "name")
+
+
+def _breaks(resolver: SteeringResolver, spec: Any) -> Exception | None:
+    """Why ``spec`` would not resolve (None: it would); a busy registry is a 503, not a
+    conflict: nobody knows yet."""
     try:
-        resolver.resolve(st.default_steering)
+        resolver.resolve(spec)
     except RegistryBusyError as e:
         raise _busy(e) from None
     except (SteeringError, VersionGoneError) as e:
         if isinstance(e, SteeringError) and e.reason == "registry_busy":
             raise _busy(e) from None
-        what = "removing" if replacement is None else "this replacement of"
-        raise AdminError(409, f"{what} {name!r} would break the server's default steering "
-                              f"({st.config.default_steering_source}): {e}", "used_by_default_steering",
-                         "name") from None
+        return e
+    return None
+
+
+def _steering_lock(st: ServerState) -> Any:
+    return st.aliases.lock() if st.aliases is not None else contextlib.nullcontext()
 
 
 # -- the operations --------------------------------------------------------------------------------
@@ -218,9 +237,9 @@ def add_vector(body: dict[str, Any], st: ServerState, entry: Any) -> tuple[int, 
     if exists and not overwrite:
         raise AdminError(409, f"a vector set named {name!r} already exists (send \"overwrite\": true to replace "
                               "it)", "name_exists", "name")
-    check_default_steering(st, name, vs)
     try:
-        with _writing(st):
+        with _steering_lock(st), _writing(st):
+            check_default_steering(st, name, vs)
             reg.add(name, vs, overwrite=overwrite)
     except FileExistsError as e:  # another replica took the name meanwhile
         raise AdminError(409, str(e), "name_exists", "name") from None
@@ -238,9 +257,9 @@ def remove_vector(name: str, st: ServerState) -> dict[str, Any]:
         raise AdminError(400, str(e), "invalid_name", "name") from None
     if name not in reg:
         raise AdminError(404, str(UnknownVectorError(name)), "not_found", "name")
-    check_default_steering(st, name, None)
     try:
-        with _writing(st):
+        with _steering_lock(st), _writing(st):
+            check_default_steering(st, name, None)
             reg.remove(name)
     except UnknownVectorError as e:
         raise AdminError(404, str(e), "not_found", "name") from None
