@@ -28,13 +28,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/vsteer demo
 
-# Real tools the tests run (Debian's prometheus brings promtool); kubectl is optional.
+# Real tools the tests run (Debian's prometheus brings promtool); kubectl is optional. The
+# monitoring test starts its own Prometheus on a free port; the service the package starts
+# on install is stopped through its init script, and nothing else is ever stopped (no
+# pkill: a Prometheus the developer runs for something else is left alone).
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 	  echo "installing Debian's prometheus (promtool) for the monitoring tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
 	    || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus'; \
-	  (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1; }
+	  (service prometheus stop || sudo service prometheus stop || true) >/dev/null 2>&1; }
 
 test: setup tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests

@@ -16,16 +16,22 @@ class VersionGoneError(VectorFileError):
 
 
 class UnknownVectorError(KeyError):
-    """A name that is not in the registry. ``str()`` lists (some of) the known names."""
+    """A name that is not in the registry. The message lists no other names: it reaches
+    inference clients, and the registry's names are the operator's business (the
+    listing route ``GET /v1/steering/vectors`` shows them)."""
 
-    def __init__(self, name: str, known: list[str]):
-        self.name, self.known = name, known
+    def __init__(self, name: str):
+        self.name = name
         super().__init__(name)
 
     def __str__(self) -> str:
-        shown = ", ".join(self.known[:50]) or "(none)"
-        more = f" and {len(self.known) - 50} more" if len(self.known) > 50 else ""
-        return f"unknown steering vector {self.name!r}; known vectors: {shown}{more}"
+        return f"unknown steering vector {self.name!r}"
+
+
+class RegistryBusyError(TimeoutError):
+    """The registry's lock stayed held (by a writer in any process or host) for longer
+    than ``VSTEER_REGISTRY_LOCK_TIMEOUT_S``: the read or write was given up, nothing changed.
+    Servers answer it with 503 and the code ``registry_busy``; clients may retry."""
 
 
 class SteeringError(ValueError):
@@ -73,7 +79,8 @@ REJECTION_REASONS: dict[str, str] = {
     "unsupported_route": "steering on a route vsteer does not steer (tokenize, /inference/v1/generate, ...)",
     "too_many_new_configs": "HTTP 429: more steering specs new to the server than the client's budget "
                             "(VSTEER_NEW_CONFIGS_PER_S, VSTEER_NEW_CONFIGS_BURST)",
-    "registry_busy": "HTTP 503: the vector registry could not be read in time (a writer holds its lock); retry",
+    "registry_busy": "HTTP 503: the vector registry stayed locked by a writer past VSTEER_REGISTRY_LOCK_TIMEOUT_S "
+                     "(or its read pool stayed full); retry",
     "invalid": "anything else that makes the steering field unusable",
 }
 """Every reason a request's steering can be refused for: the ``reason`` of ``SteeringError``,

@@ -8,6 +8,12 @@ docs/configuration.md lists them (a test keeps that table and this class in step
 Call ``settings()`` where a value is needed rather than caching it at import: tests and
 notebooks change the environment between engines (``set_vectors_dir``). It re-parses only
 when a ``VSTEER_*`` variable changed.
+
+Why not ``pydantic-settings``: the class already is a pydantic model (types, bounds and
+messages come from pydantic either way), and what is hand-written here would stay: the
+cache keyed on the ``VSTEER_*`` snapshot, parsing a given mapping (``parse_env``), errors
+that name the variable. It would replace a four-line loop, read ``vsteer_x`` too unless
+every field got an alias, and add its import (~0.4 s) to every vLLM worker and CLI call.
 """
 
 from __future__ import annotations
@@ -75,10 +81,16 @@ class Settings(BaseModel):
                                                              "specs new to the server per second before 429 "
                                                              "too_many_new_configs (0: no limit)")
     new_configs_burst: int = Field(40, ge=1, description="per client: new steering specs allowed in a burst")
-    metrics_refresh_s: float = Field(30.0, ge=0, description="background pull of worker counters (0: only "
-                                                             "when /metrics is scraped)")
+    metrics_refresh_s: float = Field(5.0, ge=0, description="pull of worker counters every this many seconds "
+                                                            "while requests come in (0: only when /metrics is "
+                                                            "scraped): their staleness bound with several API "
+                                                            "servers")
     lease_grace_s: float = Field(120.0, gt=0, description="how long a replaced vector version stays on disk "
                                                           "after the last request pinning it finished")
+    registry_lock_timeout_s: float = Field(5.0, gt=0, description="longest wait for the registry's lock (a "
+                                                                  "writer in any process); then 503 registry_busy")
+    registry_read_threads: int = Field(4, ge=1, le=64, description="threads each API server reads the registry "
+                                                                   "with (a pool of their own, apart from asyncio's)")
 
     @property
     def steerable_layers(self) -> set[int] | None:

@@ -10,9 +10,10 @@ error carries a ``reason`` from ``vsteer.engine.errors.REJECTION_REASONS``.
 
 from __future__ import annotations
 
-from typing import Any
+import numbers
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import SteeringError, reason_for_pydantic
@@ -25,6 +26,34 @@ STEERING_KEY = "steering"
 """The request field (``extra_body={"steering": ...}``) and ``SamplingParams.extra_args`` key."""
 
 
+def _number(v: Any) -> Any:
+    """Strict numbers: ``true`` or ``"3"`` is a client bug, not a strength of 1 or 3 (an
+    int is a number: ``3`` is fine)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise PydanticCustomError("wrong_type", "must be a number, not {t}", {"t": _json_type(v)})
+    try:
+        return float(v)
+    except OverflowError:  # an integer literal beyond any float
+        raise PydanticCustomError("strength_out_of_bounds", "an integer of {n} bits is outside any float",
+                                  {"n": int(v).bit_length()}) from None
+
+
+def _integer(v: Any) -> Any:
+    """Strict integers (layer numbers): no ``true``, ``"1"`` or ``1.0``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise PydanticCustomError("wrong_type", "must be an integer, not {t}", {"t": _json_type(v)})
+    return int(v)
+
+
+def _json_type(v: Any) -> str:
+    names = {bool: "a boolean", str: "a string", float: "a float", type(None): "null", list: "a list", dict: "an object"}
+    return next((n for t, n in names.items() if isinstance(v, t)), type(v).__name__)
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Integer = Annotated[int, BeforeValidator(_integer)]
+
+
 class VectorRef(BaseModel):
     """One behaviour in a request: a registry name (or inline data), what to do with it
     (``op``), how strongly, and at which layers. Omitted fields take the set's recorded
@@ -32,17 +61,17 @@ class VectorRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="registry name (or label for inline data)")
-    strength: float | None = Field(None, allow_inf_nan=False,
+    name: str = Field(strict=True, description="registry name (or label for inline data)")
+    strength: Number | None = Field(None, allow_inf_nan=False,
                                    description="multiplier (raw) or fraction of the layer's residual norm "
                                                "(relative); default: the set's recommendation, else 1")
-    layers: list[int] | None = Field(None, min_length=1, description="subset of the set's layers; default all")
+    layers: list[Integer] | None = Field(None, min_length=1, description="subset of the set's layers; default all")
     op: Op = Field("add", description="add | ablate | clamp (vsteer.engine.operators)")
     unit: Unit | None = Field(None, description="raw (default) | relative: strength as a fraction of the "
                                                 "layer's mean residual-stream norm")
     norm: Norm | None = Field(None, description="keep (default) | preserve: rescale each token to its norm "
                                                 "before this layer's operators (add only)")
-    data: dict[int, str] | None = Field(
+    data: dict[int, Annotated[str, Field(strict=True)]] | None = Field(
         None, description="inline vectors: layer -> base64 of little-endian float32 [hidden_size]")
 
     @field_validator("name")

@@ -113,8 +113,12 @@ def test_data_parallel_server_with_two_api_servers(tiny_model_path, tmp_path):
     from served import start_server, stop_server
     from vsteer.engine import encode_inline
 
+    from vsteer.engine.settings import parse_env
+
+    refresh = parse_env({}).metrics_refresh_s  # the default: the staleness bound stated in docs/server.md
     srv = start_server(tmp_path, model="tiny-llama", extra_args=["--data-parallel-size", "2", "--max-num-seqs",
                                                                  "8", "--max-model-len", "256"],
+                       extra_env={"VSTEER_METRICS_REFRESH_S": ""},  # unset: the default applies
                        start_timeout=900)  # two engines and two API servers start one after another
     try:
         inline = encode_inline(torch.randn(128, generator=torch.Generator().manual_seed(3)) * 4)
@@ -129,20 +133,23 @@ def test_data_parallel_server_with_two_api_servers(tiny_model_path, tmp_path):
             assert ("steering" in r.json()) == (i % 2 == 0)
             texts[i % 2 == 0].add(r.json()["choices"][0]["text"])
         assert len(texts[True]) == 1 and len(texts[False]) == 1 and texts[True] != texts[False]
-        httpx.get(f"{srv.url}/metrics", timeout=30)  # a pull; the next scrape reads it
         import time
-        time.sleep(1.5)
-        values = {}
-        for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics", timeout=30).text):
-            for s in family.samples:
-                values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        time.sleep(refresh + 2)  # no scrape forces a pull: the background pull alone must bound staleness
+        for _ in range(4):  # new connections: SO_REUSEPORT spreads the scrapes over both API servers
+            values = {}
+            for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics", timeout=30).text):
+                for s in family.samples:
+                    values[(s.name, tuple(sorted(s.labels.items())))] = s.value
 
-        def m(name, **labels):
-            return values.get((name, tuple(sorted({"model_name": "tiny-llama", **labels}.items()))), 0.0)
+            def m(name, **labels):  # summed over the series with these labels (worker ones: per engine)
+                want = set({"model_name": "tiny-llama", **labels}.items())
+                return sum(v for (n, ls), v in values.items() if n == name and want <= set(ls))
 
-        assert m("vsteer_requests_total", steered="true") == n // 2
-        assert m("vsteer_requests_total", steered="false") == n // 2
-        assert m("vsteer_steered_tokens_total") == (n // 2) * (tokens - 1)  # not x2 for two API servers
+            assert m("vsteer_requests_total", steered="true") == n // 2
+            assert m("vsteer_requests_total", steered="false") == n // 2
+            assert m("vsteer_steered_tokens_total") == (n // 2) * (tokens - 1)  # not x2 for two API servers
+            engines = {dict(ls).get("engine") for (name, ls) in values if name == "vsteer_steps_total"}
+            assert engines == {"0", "1"}, engines
         log = srv.log.read_text(errors="replace")
         steering_servers = set(re.findall(r"\((ApiServer_\d) pid=\d+\).*this API server is steering", log))
         assert steering_servers == {"ApiServer_0", "ApiServer_1"}, steering_servers

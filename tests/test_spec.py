@@ -67,8 +67,11 @@ def test_bad_specs_name_field_and_reason(resolver, spec, field, reason):
     assert err.field == field and err.reason == reason, (err.field, err.reason, str(err))
 
 
-def test_unknown_name_lists_known(resolver):
-    assert "known vectors: formal, happy, wide" in str(_err(resolver, {"vectors": [{"name": "nope"}]}))
+def test_unknown_name_lists_no_registry_names(resolver):
+    """Issue 20 #8: the registry's names are the operator's (GET /v1/steering/vectors), not
+    every client's."""
+    message = str(_err(resolver, {"vectors": [{"name": "nope"}]}))
+    assert "'nope'" in message and not any(n in message for n in ("formal", "happy", "wide", "known vectors"))
 
 
 def test_layer_outside_model(tmp_path):

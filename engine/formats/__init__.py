@@ -30,6 +30,7 @@ from .native import (
     read_metadata,
     save_vector_set,
     set_sha256,
+    vector_set_from_bytes,
 )
 from .seed import load_seed_format, save_seed_format
 
@@ -79,4 +80,5 @@ __all__ = [
     "FORMATS", "METADATA_FILE", "TENSORS_FILE", "VectorFileError", "VectorFormat", "check_compatible",
     "content_sha256", "detect_format", "get_format", "load_any", "load_control_vector_gguf", "load_seed_format",
     "load_vector_set", "read_metadata", "save_control_vector_gguf", "save_seed_format", "save_vector_set", "set_sha256",
+    "vector_set_from_bytes",
 ]

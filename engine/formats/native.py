@@ -14,11 +14,13 @@ import json
 import math
 import os
 import re
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from ..errors import VectorFileError
@@ -81,7 +83,9 @@ def vector_set_metadata(vs: SteeringVectorSet) -> dict[str, Any]:
 
 
 def save_vector_set(vs: SteeringVectorSet, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``vs`` to ``directory`` atomically enough for a registry that readers poll."""
+    """Write ``vs`` to ``directory`` atomically enough for a registry that readers poll.
+    Both files get the mode the process umask gives (safetensors alone would make its file
+    0600, unreadable to the other users of a shared registry volume)."""
     d = Path(directory)
     if (d / METADATA_FILE).exists() and not overwrite:
         raise FileExistsError(f"{d} already holds a vector set (pass overwrite=True to replace it)")
@@ -90,16 +94,21 @@ def save_vector_set(vs: SteeringVectorSet, directory: str | os.PathLike, *, over
     meta = vector_set_metadata(vs)
     tmp_t, tmp_m = d / (TENSORS_FILE + ".tmp"), d / (METADATA_FILE + ".tmp")
     try:
-        save_file(tensors, str(tmp_t), metadata={"format": FORMAT_NAME, "sha256": meta["sha256"]})
-    except OSError:
-        raise
-    except Exception as e:  # safetensors reports I/O failures (a full disk) as its own error type
+        try:
+            save_file(tensors, str(tmp_t), metadata={"format": FORMAT_NAME, "sha256": meta["sha256"]})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports I/O failures (a full disk) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot write {tmp_t.name}: {e}") from e
+        tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))  # created with the umask's mode
+        os.chmod(tmp_t, stat.S_IMODE(tmp_m.stat().st_mode))
+        os.replace(tmp_t, d / TENSORS_FILE)
+        os.replace(tmp_m, d / METADATA_FILE)
+    except BaseException:
         tmp_t.unlink(missing_ok=True)
-        code = re.search(r"os error (\d+)", str(e))
-        raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot write {tmp_t.name}: {e}") from e
-    tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp_t, d / TENSORS_FILE)
-    os.replace(tmp_m, d / METADATA_FILE)
+        tmp_m.unlink(missing_ok=True)
+        raise
     return d
 
 
@@ -110,8 +119,13 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise VectorFileError(f"{Path(directory)} is not a vsteer vector set: {METADATA_FILE} is missing")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise VectorFileError(f"{path}: unreadable metadata ({e})") from e
+    return check_metadata(meta, path)
+
+
+def check_metadata(meta: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The checks of ``read_metadata`` on a parsed object (``path`` names it in errors)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise VectorFileError(f"{path}: not a {FORMAT_NAME} metadata file")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -155,6 +169,25 @@ def load_vector_set(directory: str | os.PathLike, *, expect_hidden_size: int | N
         raw = load_file(str(tpath))
     except Exception as e:  # safetensors raises its own error types
         raise VectorFileError(f"{tpath}: not a valid safetensors file ({e})") from e
+    return _vector_set(meta, raw, str(d), str(tpath))
+
+
+def vector_set_from_bytes(meta: Any, tensors: bytes, *, where: str = "upload",
+                          expect_hidden_size: int | None = None,
+                          expect_num_layers: int | None = None) -> SteeringVectorSet:
+    """``load_vector_set`` of the two files' contents (an upload): verified in memory, so
+    nothing is staged on disk (a full temporary directory cannot fail it)."""
+    meta = check_metadata(meta, where)
+    check_compatible(meta, where, expect_hidden_size=expect_hidden_size, expect_num_layers=expect_num_layers)
+    try:
+        raw = load_bytes(tensors)
+    except Exception as e:  # safetensors raises its own error types
+        raise VectorFileError(f"{where}: not a valid safetensors file ({e})") from e
+    return _vector_set(meta, raw, where, f"{where}: {TENSORS_FILE}")
+
+
+def _vector_set(meta: dict[str, Any], raw: dict[str, torch.Tensor], d: str, tpath: str) -> SteeringVectorSet:
+    """Shapes, finiteness, layers and the content hash of loaded tensors against ``meta``."""
     vectors: dict[int, torch.Tensor] = {}
     for name, tensor in raw.items():
         m = _TENSOR_NAME.match(name)
@@ -184,7 +217,7 @@ def load_vector_set(directory: str | os.PathLike, *, expect_hidden_size: int | N
     )
 
 
-def _norms_of(raw: Any, where: Path) -> dict[int, float]:
+def _norms_of(raw: Any, where: Path | str) -> dict[int, float]:
     try:
         return {int(k): float(v) for k, v in (raw or {}).items() if v is not None}
     except (AttributeError, TypeError, ValueError):

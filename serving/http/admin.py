@@ -3,7 +3,9 @@ upload) and remove a vector set.
 
 Everything is checked before anything is written, and the registry writes atomically
 (``vsteer.engine.registry``): a refused or failed request (bad file, full disk, a set the
-default steering needs) leaves the registry exactly as it was, with no temporary files.
+default steering needs, a registry another writer keeps locked) leaves the registry exactly
+as it was, with no temporary files. Uploads are verified in memory: nothing is staged on
+disk outside the registry.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import base64
 import binascii
 import contextlib
 import errno
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from vsteer.engine.errors import SteeringError, UnknownVectorError, VectorFileError, VersionGoneError
-from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE, load_vector_set
+from vsteer.engine.errors import (
+    RegistryBusyError,
+    SteeringError,
+    UnknownVectorError,
+    VectorFileError,
+    VersionGoneError,
+)
+from vsteer.engine.formats import METADATA_FILE, TENSORS_FILE, load_vector_set, vector_set_from_bytes
 from vsteer.engine.registry import VectorRegistry, check_name
 from vsteer.engine.resolver import SteeringResolver
+from vsteer.engine.settings import settings
 from vsteer.engine.vectors import SteeringVectorSet
 
 from .. import metrics
@@ -73,14 +80,20 @@ def source_dir(reg: VectorRegistry, st: ServerState, raw_path: Any) -> Path:
 
 
 def load_checked(directory: Path, st: ServerState, where: str) -> SteeringVectorSet:
+    return _checked(lambda **kw: load_vector_set(directory, **kw), st, where, str(directory))
+
+
+def _checked(load: Callable[..., SteeringVectorSet], st: ServerState, where: str,
+             hide: str | None = None) -> SteeringVectorSet:
+    """A set that fits the served model, or 400 (``hide``: a server path, shown as ``where``)."""
     try:
-        vs = load_vector_set(directory, expect_hidden_size=st.hidden_size, expect_num_layers=st.num_layers)
+        vs = load(expect_hidden_size=st.hidden_size, expect_num_layers=st.num_layers)
         if vs.num_layers is not None and vs.num_layers != st.num_layers:
             raise VectorFileError(f"{where}: made for a model with {vs.num_layers} layers; the served model has "
                                   f"{st.num_layers}")
     except (VectorFileError, ValueError, TypeError, KeyError, AttributeError) as e:  # malformed metadata too
         code = "wrong_hidden_size" if "hidden size" in str(e) else "bad_vector_file"
-        raise AdminError(400, str(e).replace(str(directory), where), code, "metadata") from None
+        raise AdminError(400, str(e).replace(hide, where) if hide else str(e), code, "metadata") from None
     return vs
 
 
@@ -94,11 +107,9 @@ def _from_upload(body: dict[str, Any], st: ServerState) -> SteeringVectorSet:
         raw = base64.b64decode(blob, validate=True)
     except (binascii.Error, ValueError):
         raise AdminError(400, "safetensors is not valid base64", param="safetensors") from None
-    # Staged outside the registry: nothing of a refused upload ever lands there.
-    with tempfile.TemporaryDirectory(prefix="vsteer-upload-") as staging:
-        (Path(staging) / TENSORS_FILE).write_bytes(raw)
-        (Path(staging) / METADATA_FILE).write_text(json.dumps(meta))
-        return load_checked(Path(staging), st, "upload")
+    # Verified in memory: nothing of a refused upload is written anywhere, and a full
+    # temporary directory cannot fail an upload the registry volume has room for.
+    return _checked(lambda **kw: vector_set_from_bytes(meta, raw, where="upload", **kw), st, "upload")
 
 
 # -- the server's default steering must stay resolvable ---------------------------------------------
@@ -113,7 +124,7 @@ class _WithReplacement:
         if name != self.name:
             return self.reg.load_with_hash(name, **kw)
         if self.vs is None:
-            raise UnknownVectorError(name, [])
+            raise UnknownVectorError(name)
         from vsteer.engine.formats import set_sha256
 
         return self.vs, set_sha256(self.vs)
@@ -129,18 +140,30 @@ def check_default_steering(st: ServerState, name: str, replacement: SteeringVect
                                 steerable=st.resolver.steerable, dtype=st.resolver.dtype)
     what = "removing" if replacement is None else "this replacement of"
     if st.default_resolved is not None and name in st.default_resolved.versions:
-        try:
-            resolver.resolve(st.default_steering)
-        except (SteeringError, VersionGoneError) as e:
+        error = _breaks(resolver, st.default_steering)
+        if error is not None:
             raise AdminError(409, f"{what} {name!r} would break the server's default steering "
-                                  f"({st.config.default_steering_source}): {e}", "used_by_default_steering",
-                             "name") from None
+                                  f"({st.config.default_steering_source}): {error}", "used_by_default_steering",
+                             "name")
     for model in (st.aliases.using(name) if st.aliases is not None else ()):
-        try:
-            resolver.resolve(model.spec)
-        except (SteeringError, VersionGoneError) as e:
-            raise AdminError(409, f"{what} {name!r} would break the steered model {model.name!r}: {e}",
-                             "used_by_steered_model", "name") from None
+        error = _breaks(resolver, model.spec)
+        if error is not None:
+            raise AdminError(409, f"{what} {name!r} would break the steered model {model.name!r}: {error}",
+                             "used_by_steered_model", "name")
+
+
+def _breaks(resolver: SteeringResolver, spec: Any) -> Exception | None:
+    """Why ``spec`` would not resolve (None: it would); a busy registry is a 503, not a
+    conflict: nobody knows yet."""
+    try:
+        resolver.resolve(spec)
+    except RegistryBusyError as e:
+        raise _busy(e) from None
+    except (SteeringError, VersionGoneError) as e:
+        if isinstance(e, SteeringError) and e.reason == "registry_busy":
+            raise _busy(e) from None
+        return e
+    return None
 
 
 def _steering_lock(st: ServerState) -> Any:
@@ -148,6 +171,27 @@ def _steering_lock(st: ServerState) -> Any:
 
 
 # -- the operations --------------------------------------------------------------------------------
+
+def _busy(e: Exception) -> AdminError:
+    return AdminError(503, str(e), "registry_busy")
+
+
+@contextlib.contextmanager
+def _writing(st: ServerState) -> Iterator[None]:
+    """This server's write lock, then the registry's (each wait bounded); a write failure
+    becomes 503 / 507 / 500 with its code."""
+    if not st.write_lock.acquire(timeout=settings().registry_lock_timeout_s):
+        raise AdminError(503, "another registry write of this server is still running; nothing was changed, "
+                              "retry later", "registry_busy")
+    try:
+        yield
+    except RegistryBusyError as e:
+        raise _busy(e) from None
+    except OSError as e:
+        raise _storage_error(e) from None
+    finally:
+        st.write_lock.release()
+
 
 def _storage_error(e: OSError) -> AdminError:
     if e.errno in _NO_SPACE:
@@ -194,13 +238,11 @@ def add_vector(body: dict[str, Any], st: ServerState, entry: Any) -> tuple[int, 
         raise AdminError(409, f"a vector set named {name!r} already exists (send \"overwrite\": true to replace "
                               "it)", "name_exists", "name")
     try:
-        with _steering_lock(st), st.write_lock:
+        with _steering_lock(st), _writing(st):
             check_default_steering(st, name, vs)
             reg.add(name, vs, overwrite=overwrite)
     except FileExistsError as e:  # another replica took the name meanwhile
         raise AdminError(409, str(e), "name_exists", "name") from None
-    except OSError as e:
-        raise _storage_error(e) from None
     metrics.record_registry_load(source)
     logger.info("vsteer: %s vector set %r (%s, layers %s) from %s", "replaced" if exists else "added", name,
                 vs.behaviour, vs.layers, source)
@@ -214,15 +256,13 @@ def remove_vector(name: str, st: ServerState) -> dict[str, Any]:
     except ValueError as e:
         raise AdminError(400, str(e), "invalid_name", "name") from None
     if name not in reg:
-        raise AdminError(404, str(UnknownVectorError(name, reg.names())), "not_found", "name")
+        raise AdminError(404, str(UnknownVectorError(name)), "not_found", "name")
     try:
-        with _steering_lock(st), st.write_lock:
+        with _steering_lock(st), _writing(st):
             check_default_steering(st, name, None)
             reg.remove(name)
     except UnknownVectorError as e:
         raise AdminError(404, str(e), "not_found", "name") from None
-    except OSError as e:
-        raise _storage_error(e) from None
     metrics.record_registry_removal()
     logger.info("vsteer: removed vector set %r", name)
     return {"object": "steering.vector.deleted", "name": name, "deleted": True}

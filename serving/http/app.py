@@ -82,9 +82,11 @@ def create_state(args: Any, model_config: Any, config: ServerConfig) -> ServerSt
     api_keys = _api_keys(args)
     root = settings().vectors_dir
     resolver = resolver_for_model(model_config)  # the model's dtype too: overflow checks depend on it
+    # Only VSTEER_ADMIN_KEY (checked: no placeholder, >= 16 characters) admits registry
+    # writes; vLLM's --api-key is every inference client's key, never an admin key.
     st = ServerState(config=config, hidden_size=hidden, num_layers=layers,
                      model_name=_served_name(args, model_config),
-                     admin_keys=[config.admin_key] if config.admin_key else list(api_keys), api_keys=api_keys,
+                     admin_keys=[config.admin_key] if config.admin_key else [], api_keys=api_keys,
                      registry=resolver.registry if root else None, resolver=resolver)
     if config.default_steering is not None:
         try:
@@ -166,8 +168,8 @@ def _banner(st: ServerState, args: Any) -> None:
     if st.default_resolved is not None:
         _say(config, f"default steering ({config.default_steering_source}): fingerprint "
                      f"{st.default_resolved.fingerprint} {json.dumps(config.default_steering, separators=(',', ':'))}")
-    _say(config, "admin routes POST/DELETE " + VECTORS_PATH + (" enabled (Bearer key)" if st.admin_keys else
-                                                               " disabled (no VSTEER_ADMIN_KEY / --api-key)"))
+    _say(config, "admin routes POST/DELETE " + VECTORS_PATH + (" enabled (Bearer VSTEER_ADMIN_KEY)" if st.admin_keys
+                                                               else " disabled (no VSTEER_ADMIN_KEY)"))
 
 
 def build_app_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -27,11 +27,12 @@ ADMIN_CODES = {
     "payload_too_large": "the body is over VSTEER_MAX_UPLOAD_BYTES",
     "insufficient_storage": "the registry volume is full; nothing was changed",
     "storage_error": "the registry could not be written; nothing was changed",
+    "registry_busy": "the registry stayed locked by a writer past VSTEER_REGISTRY_LOCK_TIMEOUT_S (503); retry",
 }
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
           409: "ConflictError", 413: "RequestTooLargeError", 500: "InternalServerError",
-          507: "InsufficientStorageError"}
+          503: "ServiceUnavailableError", 507: "InsufficientStorageError"}
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:

@@ -8,32 +8,40 @@
   (``admin``). Workers read the registry by name, so changes apply to new requests at
   once; requests already accepted keep the content they were validated with.
 
-Errors are OpenAI-style bodies with a ``code`` string (``errors.ADMIN_CODES``).
+Errors are OpenAI-style bodies with a ``code`` string (``errors.ADMIN_CODES``); a registry
+another writer keeps locked past ``VSTEER_REGISTRY_LOCK_TIMEOUT_S`` is a 503
+``registry_busy``. The work runs on the registry's own threads (``registry_io``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from vsteer.engine.errors import UnknownVectorError, VectorFileError
+from vsteer.engine.errors import RegistryBusyError, UnknownVectorError, VectorFileError
 from vsteer.engine.registry import VectorRegistry
 
 from .. import metrics
 from ..keys import VECTORS_PATH
 from . import admin
 from .errors import AdminError, error_response
+from .registry_io import run_registry_read, run_registry_write
 from .state import ServerState
 
 
-def vector_entry(reg: VectorRegistry, name: str, st: ServerState) -> dict[str, Any]:
+def vector_entry(reg: VectorRegistry, name: str, st: ServerState, *, strict: bool = False) -> dict[str, Any]:
+    """One listing entry. A set that is broken (or, unless ``strict``, removed or busy
+    meanwhile) is an entry with an ``error``; ``strict`` raises the latter two."""
     try:
         meta = reg.metadata(name)
-    except (VectorFileError, UnknownVectorError, OSError, ValueError, KeyError) as e:  # broken, or removed meanwhile
+    except (UnknownVectorError, RegistryBusyError) as e:
+        if strict:
+            raise
+        return {"name": name, "error": str(e), "compatible": False}
+    except (VectorFileError, OSError, ValueError, KeyError) as e:  # broken
         return {"name": name, "error": str(e).replace(str(reg.root), "<vectors>"), "compatible": False}
     num_layers = meta.get("num_layers")
     layers = list(meta.get("layers") or [])
@@ -62,8 +70,8 @@ def _admin_denied(request: Request) -> JSONResponse | None:
     if request.scope.get("vsteer_admin"):
         return None
     if not _state(request).admin_keys:
-        return error_response(403, "the steering admin routes are disabled: set VSTEER_ADMIN_KEY (or vLLM's "
-                                   "--api-key) when starting the server", "admin_disabled")
+        return error_response(403, "the steering admin routes are disabled: set VSTEER_ADMIN_KEY when starting "
+                                   "the server", "admin_disabled")
     return error_response(401, "this route needs the steering admin key: Authorization: Bearer <key>",
                           "unauthorized")
 
@@ -98,19 +106,29 @@ def _parse(raw: bytes) -> dict[str, Any]:
 router = APIRouter()
 
 
+def _busy(e: RegistryBusyError) -> JSONResponse:
+    return error_response(503, str(e), "registry_busy")
+
+
 @router.get(VECTORS_PATH)
 async def list_vectors(request: Request):
-    return JSONResponse(await asyncio.to_thread(_listing, _state(request)))
+    return JSONResponse(await run_registry_read(_listing, _state(request)))
+
+
+def _one(st: ServerState, name: str) -> dict[str, Any]:
+    if st.registry is None or name not in st.registry:
+        raise UnknownVectorError(name)
+    return vector_entry(st.registry, name, st, strict=True)
 
 
 @router.get(VECTORS_PATH + "/{name}")
 async def get_vector(name: str, request: Request):
-    st = _state(request)
-    reg = st.registry
-    if reg is None or name not in reg:
-        unknown = UnknownVectorError(name, reg.names() if reg is not None else [])
-        return error_response(404, str(unknown), "not_found", "name")
-    return JSONResponse(await asyncio.to_thread(vector_entry, reg, name, st))
+    try:
+        return JSONResponse(await run_registry_read(_one, _state(request), name))
+    except UnknownVectorError as e:
+        return error_response(404, str(e), "not_found", "name")
+    except RegistryBusyError as e:
+        return _busy(e)
 
 
 @router.post(VECTORS_PATH)
@@ -123,11 +141,13 @@ async def add_vector(request: Request):
     if raw is None:
         return error_response(413, f"request body over {st.config.max_upload_bytes} bytes", "payload_too_large")
     try:
-        body = await asyncio.to_thread(_parse, raw)
-        status, entry = await asyncio.to_thread(admin.add_vector, body, st, vector_entry)
+        body = await run_registry_write(_parse, raw)
+        status, entry = await run_registry_write(admin.add_vector, body, st, vector_entry)
     except AdminError as e:
         return e.response()
-    metrics.update_registry_size(st.registry)
+    except RegistryBusyError as e:
+        return _busy(e)
+    await run_registry_read(metrics.update_registry_size, st.registry)
     return JSONResponse(entry, status_code=status)
 
 
@@ -138,8 +158,10 @@ async def delete_vector(name: str, request: Request):
         return denied
     st = _state(request)
     try:
-        out = await asyncio.to_thread(admin.remove_vector, name, st)
+        out = await run_registry_write(admin.remove_vector, name, st)
     except AdminError as e:
         return e.response()
-    metrics.update_registry_size(st.registry)
+    except RegistryBusyError as e:
+        return _busy(e)
+    await run_registry_read(metrics.update_registry_size, st.registry)
     return JSONResponse(out)
