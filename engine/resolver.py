@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from .cache import ByteLRU, tensor_bytes
-from .errors import SteeringError, UnknownVectorError, VectorFileError, VersionGoneError
+from .errors import RegistryBusyError, SteeringError, UnknownVectorError, VectorFileError, VersionGoneError
 from .operators import OPERATORS, LayerPlan, orthonormalize
 from .positions import RULES
 from .registry import VectorRegistry
@@ -243,6 +243,8 @@ class SteeringResolver:
             raise SteeringError(str(e), field=where, reason="unknown_vector") from None
         except VersionGoneError as e:
             raise SteeringError(self._clean(e), field=where, reason="vector_version_gone") from None
+        except RegistryBusyError as e:  # a writer elsewhere holds the lock: the client may retry (503)
+            raise SteeringError(self._clean(e), field=where, reason="registry_busy") from None
         except VectorFileError as e:
             reason = "wrong_hidden_size" if "hidden size" in str(e) else "bad_vector_file"
             raise SteeringError(self._clean(e), field=where, reason=reason) from None

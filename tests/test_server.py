@@ -584,6 +584,13 @@ def test_metrics_move_by_the_right_amounts(server):
     assert _delta(before, after, "vsteer_requests_total", steered="false") == plain
     assert _delta(before, after, "vsteer_vector_requests_total", vector="formal") == steered
     assert _delta(before, after, "vsteer_vector_requests_total", vector="happy") == 0
+    # latency, split steered / unsteered, one observation per request
+    assert _delta(before, after, "vsteer_request_duration_seconds_count", steered="true") == steered
+    assert _delta(before, after, "vsteer_request_duration_seconds_count", steered="false") == plain
+    assert _delta(before, after, "vsteer_request_duration_seconds_sum", steered="true") > 0
+    # the runner generation the workers reported (after the pull above)
+    assert [dict(ls) for n, ls in after if n == "vsteer_build_info" and after[(n, ls)] == 1
+            and dict(ls).get("runner") in ("v1", "v2")], "vsteer_build_info has no runner"
     # "generated": every fed-back generated token is steered, none of the prompt
     assert _delta(before, after, "vsteer_steered_tokens_total") == steered * (n - 1)
     steered_steps = _delta(before, after, "vsteer_steered_steps_total")

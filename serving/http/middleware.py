@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
 from typing import Any, Callable
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -148,6 +149,7 @@ class SteeringMiddleware:
 
     async def _steered(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Resolve the request's steering once (or refuse it) before vLLM sees the body."""
+        arrived = time.monotonic()
         self._start_background(scope)
         body, pending = await _read_body(receive)
         info: dict[str, Any] = {}
@@ -168,7 +170,9 @@ class SteeringMiddleware:
             if steering is not None and steering.alias is not None:  # vLLM serves the model, not the alias
                 body = aliases.served_body(request, self.state.model_name)
                 scope = _with_length(scope, len(body))
-            return await self.app(scope, _replay([body], pending, receive), self._wrap_send(send, info))
+            await self.app(scope, _replay([body], pending, receive), self._wrap_send(send, info))
+            # the app returns after the response's last byte went out (streams included)
+            metrics.observe_request_latency(steering is not None, time.monotonic() - arrived)
         finally:
             RESPONSE_INFO.reset(token)
 

@@ -3,8 +3,8 @@
 
 Tenants send many requests with the same steering, and a steering server's job is many
 tenants: so the result is cached by the bytes of the spec (a repeat costs a hash and a
-symlink read per registry name, not a parse), resolution runs on a small executor of its
-own (never on the event loop, never in the pool vLLM's own handlers use), and each client
+symlink read per registry name, not a parse), resolution runs on the registry's read pool
+(``registry_io``: never on the event loop, never in the pool vLLM's own handlers use), and each client
 has a budget of specs new to the server per second (``VSTEER_NEW_CONFIGS_PER_S``,
 ``VSTEER_NEW_CONFIGS_BURST``; 429 ``too_many_new_configs`` beyond it), so one tenant
 inventing a config per request cannot starve the others' requests of resolution time.
@@ -18,7 +18,6 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +28,7 @@ from vsteer.engine.spec import STEERING_KEY, SteeringSpec
 
 from ..steering_request import SteeringRequest
 from .aliases import combine
+from .registry_io import run_registry_read
 from .state import ServerState
 
 MISS = object()
@@ -135,11 +135,10 @@ class RateLimited(Exception):
 class RequestResolver:
     """One per server (``ServerState.requests``)."""
 
-    def __init__(self, state: ServerState, workers: int = 4):
+    def __init__(self, state: ServerState):
         self.state = state
         self.cache = SpecCache(settings().cache_bytes)
         self.budget = NewSpecBudget()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vsteer-resolve")
         self.resolutions = 0
         """Specs this server resolved (cache misses that parsed)."""
 
@@ -168,10 +167,8 @@ class RequestResolver:
             wait = self.budget.charge(client)
             if wait:
                 raise RateLimited(wait)
-        loop = asyncio.get_running_loop()
-        try:
-            request = await asyncio.wait_for(loop.run_in_executor(self._pool, self._resolve, spec, source),
-                                             RESOLVE_TIMEOUT_S)
+        try:  # on the registry's read pool (VSTEER_REGISTRY_READ_THREADS), never asyncio's default one
+            request = await asyncio.wait_for(run_registry_read(self._resolve, spec, source), RESOLVE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise SteeringError("the vector registry did not answer in time; retry", reason="registry_busy") from None
         except RecursionError:

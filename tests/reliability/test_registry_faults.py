@@ -93,7 +93,6 @@ def test_a_read_during_a_takeover_gives_up_after_the_timeout(tmp_path, monkeypat
     assert not (tmp_path / (ADOPT_PREFIX + "v")).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="engine/resolver.py (the lead's) maps RegistryBusyError to registry_busy")
 def test_the_resolver_reports_a_busy_registry_as_registry_busy(tmp_path, monkeypatch):
     from vsteer.engine.registry_files import ADOPT_PREFIX
 
