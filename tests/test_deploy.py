@@ -291,6 +291,102 @@ def test_cpu_dev_overlay():
     assert ("PersistentVolumeClaim", "vsteer-models") not in kinds_names, "cpu-dev needs no model store"
 
 
+# -- Kubernetes: security context and the writable paths under a read-only root ------------------
+
+# Environment variables naming a directory the server writes into (caches, sockets, registry).
+WRITABLE_ENV = ("HOME", "TMPDIR", "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "HF_HOME", "TRITON_CACHE_DIR",
+                "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "VSTEER_VECTORS_DIR", "VSTEER_CACHE_DIR")
+POD_LEVEL = ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile")  # containers inherit these
+
+
+def _base_deployment() -> dict:
+    docs = [d for d in yaml.safe_load_all((K8S / "base" / "deployment.yaml").read_text()) if d]
+    return _one(docs, "Deployment", "vsteer")
+
+
+def writable_mounts(deployment: dict, container: str = "vsteer") -> dict[str, dict]:
+    """mountPath -> volume of each writable (not readOnly) mount of the container."""
+    spec = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    c = next(c for c in spec["containers"] if c["name"] == container)
+    return {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def check_security_context(name: str, deployment: dict) -> None:
+    """Restricted Pod Security Standard plus a read-only root whose writable paths are volumes."""
+    spec = deployment["spec"]["template"]["spec"]
+    pod_sc = spec.get("securityContext") or {}
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+    for c in spec["containers"] + spec.get("initContainers", []):
+        where = f"{name}/{c['name']}"
+        sc = {**{k: pod_sc[k] for k in POD_LEVEL if k in pod_sc}, **(c.get("securityContext") or {})}
+        assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+        assert int(sc.get("runAsUser", -1)) > 0, f"{where}: a numeric non-root runAsUser"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation: false"
+        assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem: true"
+        assert not sc.get("privileged"), f"{where}: privileged"
+        caps = sc.get("capabilities") or {}
+        assert caps.get("drop") == ["ALL"] and not caps.get("add"), f"{where}: capabilities drop [ALL], add none"
+        assert (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost"), f"{where}: seccomp"
+
+    c = _container(deployment)
+    writable = writable_mounts(deployment)
+    for path in ("/tmp", "/dev/shm", "/vectors"):
+        assert path in writable, f"{name}: {path} must be a writable volume under the read-only root"
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env.get("HOME") and env.get("TMPDIR") == "/tmp", f"{name}: HOME and TMPDIR set explicitly"
+    for var in WRITABLE_ENV:
+        if env.get(var):
+            assert _under(env[var], writable), f"{name}: {var}={env[var]} is not on a writable volume"
+    for var in ("HOME", "TMPDIR"):
+        mount = max((m for m in writable if _under(env[var], [m])), key=len)
+        assert "emptyDir" in writable[mount], f"{name}: {var} should be an emptyDir (scratch, per pod)"
+    for path, volume in writable.items():
+        if "emptyDir" in volume:
+            assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir at {path} without sizeLimit"
+
+
+def test_overlay_security_context(overlay):
+    name, docs = overlay
+    check_security_context(name, _one(docs, "Deployment", "vsteer"))
+
+
+def test_base_security_context_without_kubectl():
+    check_security_context("base", _base_deployment())
+
+
+def test_security_context_check_fails_on_gaps():
+    """The check above is only worth something if it can fail."""
+    import copy
+
+    good = _base_deployment()
+    check_security_context("base", good)
+
+    def broken(edit) -> dict:
+        d = copy.deepcopy(good)
+        edit(d["spec"]["template"]["spec"])
+        return d
+
+    container = lambda s: s["containers"][0]  # noqa: E731
+    cases = {
+        "root filesystem writable": lambda s: container(s)["securityContext"].pop("readOnlyRootFilesystem"),
+        "capability kept": lambda s: container(s)["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
+        "runs as root": lambda s: s["securityContext"].update(runAsUser=0),
+        "no seccomp": lambda s: s["securityContext"].pop("seccompProfile"),
+        "no /tmp volume": lambda s: container(s).update(
+            volumeMounts=[m for m in container(s)["volumeMounts"] if m["mountPath"] != "/tmp"]),
+        "cache outside volumes": lambda s: container(s)["env"].append({"name": "VLLM_CACHE_ROOT",
+                                                                        "value": "/opt/cache"}),
+    }
+    for what, edit in cases.items():
+        with pytest.raises(AssertionError):
+            check_security_context(what, broken(edit))
+
+
 def test_admin_key_component(tmp_path):
     """The opt-in secretGenerator: renders once its git-ignored env file exists, and the
     Deployment refers to the generated (hash-suffixed) Secret."""
@@ -363,7 +459,15 @@ def test_prometheusrule_is_the_rules_file():
 
 # -- Docker ---------------------------------------------------------------------------------------
 
-def _stages(dockerfile: str) -> dict[str, list[str]]:
+DOCKERFILE = DEPLOY / "Dockerfile"
+INSTALL_STAGES = ("cpu-build", "gpu")   # the stages that pip-install vsteer
+FINAL_STAGES = ("cpu", "gpu")           # the build targets users run
+COMPILERS = re.compile(r"(?<![\w.-])(gcc|g\+\+|cc|c\+\+|clang|clang\+\+|build-essential|cpp|make|cmake|"
+                       r"gcc-\d+|g\+\+-\d+|ninja-build|gfortran)(?![\w.+-])")
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    """Dockerfile instructions, continuation lines joined, comments and blanks dropped."""
     lines, cur = [], ""
     for raw in dockerfile.splitlines():
         s = raw.strip()
@@ -373,24 +477,42 @@ def _stages(dockerfile: str) -> dict[str, list[str]]:
         if not s.endswith("\\"):
             lines.append(cur)
             cur = ""
+    return lines
+
+
+def _stages(dockerfile: str) -> dict[str, list[str]]:
+    """Stage name -> its instructions; each list starts with the stage's own FROM line."""
     stages: dict[str, list[str]] = {}
     name = None
-    for line in lines:
+    for line in _instructions(dockerfile):
         m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.I)
         if m:
             name = m.group(1)
-            stages[name] = []
+            stages[name] = [line]
         elif name:
             stages[name].append(line)
     return stages
 
 
+def _global_args(dockerfile: str) -> dict[str, str]:
+    """ARG defaults declared before the first FROM (the ones FROM lines may use)."""
+    out = {}
+    for line in _instructions(dockerfile):
+        if line.startswith("FROM "):
+            break
+        m = re.match(r"ARG\s+(\w+)(?:=(\S+))?", line)
+        if m:
+            out[m.group(1)] = m.group(2) or ""
+    return out
+
+
 def test_dockerfile_layers():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
-    stages = _stages((DEPLOY / "Dockerfile").read_text())
-    assert set(stages) == {"cpu", "gpu"} and list(stages)[-1] == "gpu", "gpu must be the default (last) target"
-    for name, lines in stages.items():
+    stages = _stages(DOCKERFILE.read_text())
+    assert list(stages) == ["cpu-build", "cpu", "gpu"], "gpu must be the default (last) target"
+    for name in INSTALL_STAGES:
+        lines = stages[name]
         copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
         copied = {src for *srcs, _dst in copies for src in srcs}
         assert all((ROOT / src).exists() for src in copied), f"{name}: COPY of a missing path"
@@ -405,8 +527,89 @@ def test_dockerfile_layers():
         assert idx(lambda line: line.startswith("COPY pyproject.toml")) < deps < min(first_source, readme), \
             f"{name}: dependencies must be installed before the sources (and README.md) are copied"
         assert max(first_source, readme) < install
-        assert 'ENTRYPOINT ["vsteer", "serve"]' in lines
-    assert "vllm/vllm-openai:v0.32" in (DEPLOY / "Dockerfile").read_text()
+    for name in FINAL_STAGES:
+        assert 'ENTRYPOINT ["vsteer", "serve"]' in stages[name]
+    assert _global_args(DOCKERFILE.read_text())["VLLM_IMAGE"].startswith("vllm/vllm-openai:v0.32")
+
+
+def _final_user(lines: list[str], args: dict[str, str]) -> str:
+    users = [line.split(None, 1)[1] for line in lines if line.startswith("USER ")]
+    assert users, "no USER instruction: the image would run as root"
+    user = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), "?"), users[-1])
+    return user.split(":")[0]
+
+
+def test_dockerfile_runs_as_a_numeric_non_root_user():
+    """The last USER of each target is a numeric uid other than 0: Kubernetes' runAsNonRoot
+    can only verify a numeric user, and the manifests' runAsUser is the same uid."""
+    text = DOCKERFILE.read_text()
+    stages, args = _stages(text), _global_args(text)
+    for name in FINAL_STAGES:
+        uid = _final_user(stages[name], args)
+        assert uid.isdigit() and int(uid) != 0, f"{name}: USER {uid!r} must be a numeric non-root uid"
+        assert uid == str(_base_deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
+        last_user = max(i for i, line in enumerate(stages[name]) if line.startswith("USER "))
+        assert not [line for line in stages[name][last_user:] if line.startswith("RUN ")], \
+            f"{name}: RUN after USER (build steps belong before the switch)"
+
+
+def test_dockerfile_healthcheck():
+    stages = _stages(DOCKERFILE.read_text())
+    for name in FINAL_STAGES:
+        checks = [line for line in stages[name] if line.startswith("HEALTHCHECK ")]
+        assert len(checks) == 1, f"{name}: one HEALTHCHECK"
+        check = checks[0]
+        assert "CMD" in check and "/health" in check and "127.0.0.1" in check, check
+        assert re.search(r"--start-period=\d+[sm]", check), f"{name}: a start period covers model loading"
+        assert re.search(r"--timeout=\d+s", check) and re.search(r"--interval=\d+s", check)
+
+
+def test_dockerfile_final_cpu_image_has_no_compiler():
+    """The CPU target is a second stage on a fresh base: it takes only the virtualenv from
+    the build stage and installs no compiler (so it serves with --enforce-eager)."""
+    stages, args = _stages(DOCKERFILE.read_text()), _global_args(DOCKERFILE.read_text())
+    cpu = stages["cpu"]
+    base = cpu[0].split()[1]
+    assert base == "${PYTHON_IMAGE}" and base.strip("${}") in args, "cpu must start from the base image again"
+    assert stages["cpu-build"][0].split()[1] == base, "build and runtime stages share the base (the venv's python)"
+    copies_from = [line for line in cpu if line.startswith("COPY --from")]
+    assert copies_from == ["COPY --from=cpu-build /opt/venv /opt/venv"], copies_from
+    for line in cpu:
+        if line.startswith("RUN ") and "install" in line:
+            assert not COMPILERS.search(line.split("install", 1)[1]), f"cpu installs a compiler: {line}"
+    assert "--enforce-eager" in next(line for line in cpu if line.startswith("CMD "))
+    # the pattern finds what it must
+    assert COMPILERS.search(" libnuma1 g++ ") and COMPILERS.search("build-essential")
+    assert not COMPILERS.search(" libnuma1 libgcc-s1 gcc-12-base ccache-free ")
+
+
+def test_dockerfile_pip_uses_buildkit_cache_mounts():
+    stages = _stages(DOCKERFILE.read_text())
+    pip_runs = [(name, line) for name, lines in stages.items() for line in lines
+                if line.startswith("RUN ") and re.search(r"\bpip install\b", line)]
+    assert len(pip_runs) >= 4
+    for name, line in pip_runs:
+        assert re.match(r"RUN --mount=type=cache,target=/root/\.cache/pip\b", line), f"{name}: {line[:80]}"
+    assert "PIP_NO_CACHE_DIR" not in DOCKERFILE.read_text(), "PIP_NO_CACHE_DIR defeats the cache mount"
+
+
+def test_dockerfile_base_images_pinned_or_placeholder():
+    """Each FROM image is pinned by digest, or the file says plainly that it is not and how to
+    get the digest (no invented digests)."""
+    text = DOCKERFILE.read_text()
+    args = _global_args(text)
+    unpinned = [name for name in ("PYTHON_IMAGE", "VLLM_IMAGE")
+                if not re.search(r"@sha256:[0-9a-f]{64}$", args[name])]
+    if unpinned:
+        assert "DIGEST-PIN:" in text and "imagetools inspect" in text, \
+            f"{unpinned} have no digest and the Dockerfile does not say how to pin them"
+        for name in unpinned:
+            image = args[name]
+            assert re.match(r"[\w./-]+:[\w.-]+$", image), f"{name}={image!r}: pin at least a tag"
+            assert f"imagetools inspect {image}" in text, f"no digest command for {image}"
+    for name, lines in _stages(text).items():
+        base = lines[0].split()[1]
+        assert base.startswith("${") or base in _stages(text), f"{name}: FROM {base}: use the pinned ARGs"
 
 
 def test_dockerfile_requirements_script():
