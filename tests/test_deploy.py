@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -766,3 +767,155 @@ def test_vllm_metric_names_exist():
     for metric in sorted(m for m in _used_metrics() if m.startswith("vllm:")):
         assert metric in exported or _base_name(metric) in exported, f"{metric} is not a vLLM metric"
 
+
+
+# -- the read-only root, for real: vsteer serve under the Deployment's securityContext -------------
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
+    """`vsteer serve` as the manifest's uid, no capabilities, no_new_privs, with the root
+    filesystem read-only and only the base Deployment's writable mounts writable (each a
+    fresh directory, like an emptyDir), its env and its args (bubblewrap builds that root;
+    root privileges are needed to build it and are dropped before vsteer starts). Steered
+    requests (leases in the registry) and an admin upload (staged in TMPDIR) work, nothing
+    hits EROFS, and what was written is listed on failure. `make readonly-check` runs it."""
+    import base64
+    import signal
+    import time
+
+    import httpx
+    import torch
+
+    from served import ADMIN_KEY, free_port
+    from vsteer.engine import SteeringVectorSet, VectorRegistry, save_vector_set
+
+    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
+    if not (bwrap and setpriv) or os.geteuid() != 0:
+        pytest.skip("needs bubblewrap and setpriv, run as root to build the sandbox (apt-get install bubblewrap)")
+
+    deployment = _base_deployment()
+    pod_sc = deployment["spec"]["template"]["spec"]["securityContext"]
+    uid, gid = int(pod_sc["runAsUser"]), int(pod_sc["runAsGroup"])
+    c = _container(deployment)
+    writable = writable_mounts(deployment)
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+    def owned_dir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, uid, gid, follow_symlinks=False)
+        return path
+
+    volumes = {mount: owned_dir(tmp_path / "volumes" / mount.strip("/").replace("/", "_")) for mount in writable}
+    hidden, layers = 128, 4
+    gen = torch.Generator().manual_seed(3)
+    lively = SteeringVectorSet("lively", {1: torch.randn(hidden, generator=gen)}, model_id="tiny", num_layers=layers)
+    VectorRegistry(volumes["/vectors"]).add("lively", lively)
+    owned_dir(volumes["/vectors"])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    os.chmod(tmp_path, 0o755)
+    upload = save_vector_set(SteeringVectorSet("calm", {2: torch.randn(hidden, generator=gen)}, num_layers=layers),
+                             tmp_path / "upload")
+
+    # the sandbox: an empty root with the host's system directories read-only, the manifest's
+    # mounts, then the root itself remounted read-only
+    args = [bwrap, "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys"]
+    for entry in sorted(os.listdir("/")):
+        path = Path("/") / entry
+        if entry in ("proc", "dev", "sys", "tmp", "root", "home", "run", "mnt", "media", "lost+found"):
+            continue
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    prefix = Path(sys.base_prefix).resolve()
+    if _under(str(prefix), ["/root"]):  # the interpreter lives in root's home: show only it
+        args += ["--perms", "0755", "--dir", "/root", "--ro-bind", str(prefix), str(prefix)]
+    for mount, source in volumes.items():
+        args += ["--bind", str(source), mount]
+    args += ["--ro-bind", str(model), "/models/model", "--remount-ro", "/"]
+
+    port = free_port()
+    serve_args = [a for a in c["args"] if not a.startswith("--port")]
+    command = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+               "--bounding-set=-all", "--no-new-privs", "--",
+               sys.executable, "-m", "vsteer.cli.main", "serve", *serve_args, "--host", "127.0.0.1",
+               "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "256",
+               "--dtype", "float32", "--max-num-seqs", "4"]
+    sandbox_env = {**env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "VSTEER_ADMIN_KEY": ADMIN_KEY,
+                   "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "LANG": "C.UTF-8"}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args + command, stdout=out, stderr=subprocess.STDOUT, env=sandbox_env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def written() -> str:
+        return "\n".join(f"{mount}: {sorted(str(p.relative_to(src)) for p in src.rglob('*'))[:40]}"
+                         for mount, src in volumes.items())
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, f"the server exited under a read-only root:\n{log.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not healthy in 600 s:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+
+        body = {"model": "/models/model", "prompt": "Hello", "max_tokens": 4, "temperature": 0.0,
+                "steering": {"vectors": [{"name": "lively", "strength": 4.0}]}}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.headers.get("x-vsteer-fingerprint"), r.text
+        r = httpx.post(f"{url}/v1/steering/vectors", timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"name": "calm", "metadata": json.loads((upload / "vsteer.json").read_text()),
+                             "safetensors": base64.b64encode((upload / "vectors.safetensors").read_bytes()).decode()})
+        assert r.status_code == 201, r.text
+        body["steering"] = {"vectors": [{"name": "calm", "strength": 2.0}]}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
+
+        text = log.read_text(errors="replace")
+        assert "Read-only file system" not in text and "Permission denied" not in text, text[-4000:]
+        assert (volumes["/vectors"] / ".leases").is_dir(), written()
+        assert not list(volumes["/tmp"].glob("vsteer-upload-*")), "upload staging left behind:\n" + written()
+        print("written under the read-only root:\n" + written())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own session only
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+# -- docs a platform team reads on day one ----------------------------------------------------------
+
+def test_readme_first_screen():
+    """CI's two commands first; then what vsteer is, `vsteer serve` and one openai-client call
+    with steering, all within the first screen (50 lines)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = [i for i, line in enumerate(lines) if line.startswith("make ")]
+    assert [lines[i].split()[1] for i in commands[:2]] == ["demo", "test"] and commands[1] < 8
+    first = "\n".join(lines[:50])
+    for needed in ("vsteer serve ", "from openai import OpenAI", 'extra_body={"steering": '):
+        assert needed in first, f"README's first screen lacks {needed!r}"
+    assert not re.search(r"\bthe seed\b", (ROOT / "README.md").read_text(), re.I), \
+        "README: 'the seed' (the project vsteer started from) is undefined jargon for a reader"
+
+
+def test_supported_vllm_range_is_written_once():
+    """docs/vllm.md states the supported range; the other docs link there instead of repeating
+    it (pyproject.toml holds the pin itself)."""
+    version_range = re.compile(r">=\s*0\.\d+\s*,\s*<\s*0\.\d+")
+    assert version_range.search((ROOT / "docs" / "vllm.md").read_text())
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(DEPLOY.rglob("*.md"))]
+    repeated = [str(p.relative_to(ROOT)) for p in docs if p.name != "vllm.md" and version_range.search(p.read_text())]
+    assert not repeated, f"the supported vLLM range is repeated in {repeated}: link docs/vllm.md#support"
+    assert "docs/vllm.md#support" in (ROOT / "README.md").read_text()

@@ -20,6 +20,7 @@ result are in docs/scale-out.md). Skips when ``vllm-router`` is not installed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -253,13 +254,47 @@ def test_router_health_and_metrics(replicas, router):
 
     health = httpx.get(f"{router.url}/health", timeout=10)
     assert health.status_code == 200, health.text
+    assert httpx.get(f"{router.url}/liveness", timeout=10).status_code == 200
+    ready = httpx.get(f"{router.url}/readiness", timeout=10)
+    assert ready.status_code == 200 and ready.json()["healthy_workers"] == 2, ready.text
     metrics = router.metrics()
     for replica in replicas:
         assert metrics[("vllm_router_worker_health", (("worker", replica.url),))] == 1
-        assert metrics[("vllm_router_cb_state", (("worker", replica.url),))] == 0  # circuit closed: 400s are not failures
+        # circuit closed: the 400s above are client errors, not worker failures
+        assert metrics[("vllm_router_cb_state", (("worker", replica.url),))] == 0
     assert metrics[("vllm_router_active_workers", ())] == 2
+    # /metrics on the router's API port is not the router's: it is forwarded to one replica
+    assert "vsteer_requests_total" in httpx.get(f"{router.url}/metrics", timeout=30).text
     requests = {labels: v for (name, labels), v in metrics.items() if name == "vllm_router_requests_total"}
     assert requests.get((("route", "/v1/chat/completions"),), 0) >= 1, requests
+
+
+def test_admin_routes_through_router_reach_the_shared_registry(replicas, router):
+    """The router forwards routes it does not know (the registry routes) to one replica,
+    with the Authorization header; the registry is one shared directory, so a vector added
+    through the router is usable on every replica at once."""
+    import httpx
+
+    from served import ADMIN_KEY
+    from vsteer.engine import save_vector_set
+
+    with_key = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    folder = save_vector_set(_vector_set("brisk", 11), replicas[0].vectors.parent / "upload-brisk")
+    body = {"name": "brisk", "metadata": json.loads((folder / "vsteer.json").read_text()),
+            "safetensors": base64.b64encode((folder / "vectors.safetensors").read_bytes()).decode()}
+    assert httpx.post(f"{router.url}/v1/steering/vectors", json=body, timeout=60).status_code == 401
+    r = httpx.post(f"{router.url}/v1/steering/vectors", json=body, headers=with_key, timeout=60)
+    assert r.status_code == 201, r.text
+    try:
+        for _ in range(2):  # round robin: both replicas resolve it from the shared directory
+            brisk = {"vectors": [{"name": "brisk", "strength": 2.0}]}
+            _, steering, _ = _completion(router.client(), extra_body={"steering": brisk})
+            assert steering["vectors"][0]["name"] == "brisk"
+        listed = httpx.get(f"{router.url}/v1/steering/vectors", timeout=30).json()
+        assert "brisk" in json.dumps(listed)
+    finally:
+        r = httpx.delete(f"{router.url}/v1/steering/vectors/brisk", headers=with_key, timeout=60)
+        assert r.status_code == 200, r.text
 
 
 # -- routing by model name ------------------------------------------------------------------------
@@ -301,6 +336,10 @@ def test_igw_mode_routes_by_model_name(replicas, tmp_path_factory):
         served = igw.metrics()
         for replica in replicas:
             assert served[("vllm_router_processed_requests_total", (("worker", replica.url),))] == 3, served
+        for _ in range(2):  # a name no worker was registered with falls back to all workers
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        served = igw.metrics()
+        assert sum(served[("vllm_router_processed_requests_total", (("worker", r.url),))] for r in replicas) == 8
         listed = httpx.get(f"{igw.url}/v1/models", timeout=10).json()
         assert "data" not in listed and sorted(listed["models"]) == sorted(REPLICA_NAMES), listed
     finally:
