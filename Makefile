@@ -76,8 +76,9 @@ image-check:
 	  s=$$(docker inspect -f '{{.State.Health.Status}}' vsteer-image-check); echo "health: $$s"; \
 	  [ "$$s" = healthy ] && break; [ "$$s" = unhealthy ] && break; sleep 10; done; \
 	docker exec vsteer-image-check sh -c 'id; for c in gcc g++ cc c++ clang; do command -v $$c && exit 1; done; echo no compiler'; \
-	ok=$$?; docker logs --tail 20 vsteer-image-check; docker rm -f vsteer-image-check >/dev/null; \
-	[ "$$s" = healthy ] && [ $$ok = 0 ]
+	ok=$$?; docker logs --tail 20 vsteer-image-check; \
+	if docker logs vsteer-image-check 2>&1 | grep -E 'Read-only file system|Permission denied'; then ok=1; fi; \
+	docker rm -f vsteer-image-check >/dev/null; [ "$$s" = healthy ] && [ $$ok = 0 ]
 
 clean:
 	rm -rf $(VENV) build *.egg-info

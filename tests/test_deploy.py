@@ -774,13 +774,16 @@ def test_vllm_metric_names_exist():
 @pytest.mark.server
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path, mode):
     """`vsteer serve` as the manifest's uid, no capabilities, no_new_privs, with the root
     filesystem read-only and only the base Deployment's writable mounts writable (each a
     fresh directory, like an emptyDir), its env and its args (bubblewrap builds that root;
     root privileges are needed to build it and are dropped before vsteer starts). Steered
     requests (leases in the registry) and an admin upload (staged in TMPDIR) work, nothing
-    hits EROFS, and what was written is listed on failure. `make readonly-check` runs it."""
+    hits EROFS, and what was written is printed. `compiled` runs torch.compile (its caches:
+    VLLM_CACHE_ROOT, TORCHINDUCTOR_CACHE_DIR; needs a C++ compiler on this machine, as GPU
+    images have). `make readonly-check` runs both."""
     import base64
     import signal
     import time
@@ -794,6 +797,8 @@ def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
     bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
     if not (bwrap and setpriv) or os.geteuid() != 0:
         pytest.skip("needs bubblewrap and setpriv, run as root to build the sandbox (apt-get install bubblewrap)")
+    if mode == "compiled" and not shutil.which("g++"):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
 
     deployment = _base_deployment()
     pod_sc = deployment["spec"]["template"]["spec"]["securityContext"]
@@ -816,7 +821,8 @@ def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
     owned_dir(volumes["/vectors"])
     model = tmp_path / "model"
     shutil.copytree(tiny_model_path, model)
-    os.chmod(tmp_path, 0o755)
+    for p in [model, *model.rglob("*")]:  # world-readable, like files on a model volume
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
     upload = save_vector_set(SteeringVectorSet("calm", {2: torch.randn(hidden, generator=gen)}, num_layers=layers),
                              tmp_path / "upload")
 
@@ -833,18 +839,26 @@ def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
             args += ["--ro-bind", str(path), str(path)]
     prefix = Path(sys.base_prefix).resolve()
     if _under(str(prefix), ["/root"]):  # the interpreter lives in root's home: show only it
-        args += ["--perms", "0755", "--dir", "/root", "--ro-bind", str(prefix), str(prefix)]
-    for mount, source in volumes.items():
-        args += ["--bind", str(source), mount]
-    args += ["--ro-bind", str(model), "/models/model", "--remount-ro", "/"]
+        for parent in reversed([a for a in prefix.parents if _under(str(a), ["/root"])]):
+            args += ["--perms", "0755", "--dir", str(parent)]  # traversable by the unprivileged user
+        args += ["--ro-bind", str(prefix), str(prefix)]
+    made = {"/", "/dev", "/proc", "/sys", *(a for a in args if a.startswith("/"))}
+    for dest, source, bind in [*((m, src, "--bind") for m, src in volumes.items()),
+                               ("/models/model", model, "--ro-bind")]:
+        for parent in reversed(Path(dest).parents):  # mount points' parents: traversable, like an image's
+            if str(parent) not in made:
+                args += ["--perms", "0755", "--dir", str(parent)]
+                made.add(str(parent))
+        args += [bind, str(source), dest]
+    args += ["--remount-ro", "/"]
 
     port = free_port()
     serve_args = [a for a in c["args"] if not a.startswith("--port")]
     command = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
                "--bounding-set=-all", "--no-new-privs", "--",
                sys.executable, "-m", "vsteer.cli.main", "serve", *serve_args, "--host", "127.0.0.1",
-               "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "256",
-               "--dtype", "float32", "--max-num-seqs", "4"]
+               "--port", str(port), *(["--enforce-eager"] if mode == "eager" else []),
+               "--gpu-memory-utilization", "0.3", "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "4"]
     sandbox_env = {**env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "VSTEER_ADMIN_KEY": ADMIN_KEY,
                    "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "LANG": "C.UTF-8"}
     log = tmp_path / "server.log"
@@ -884,7 +898,9 @@ def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path):
         assert "Read-only file system" not in text and "Permission denied" not in text, text[-4000:]
         assert (volumes["/vectors"] / ".leases").is_dir(), written()
         assert not list(volumes["/tmp"].glob("vsteer-upload-*")), "upload staging left behind:\n" + written()
-        print("written under the read-only root:\n" + written())
+        if mode == "compiled":
+            assert list((volumes["/home/vsteer"] / ".cache" / "vllm").rglob("torch_compile_cache")), written()
+        print(f"written under the read-only root ({mode}):\n" + written())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # our own session only
