@@ -56,13 +56,13 @@ compat:
 # install. Last result: docs/scale-out.md "Behind a router".
 router-check: setup
 	$(BIN)/python -c "import vllm_router" 2>/dev/null || $(BIN)/pip install -q "vllm-router>=0.1.17,<0.2"
-	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_router.py
+	ROUTER_CHECK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -rs --durations=0 tests/test_router.py
 
 # `vsteer serve` under the base Deployment's securityContext: uid 10001, no capabilities, a
 # read-only root with only the manifest's writable mounts (bubblewrap; run as root to build it).
 readonly-check: setup
 	command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_deploy.py -k read_only_root
+	READONLY_CHECK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -rs -s tests/test_deploy.py -k read_only_root
 
 # Build the CPU image and wait for its HEALTHCHECK, with the container's root read-only
 # (needs a Docker daemon with BuildKit and access to the base image and the package indexes).

@@ -14,8 +14,9 @@ Two real replicas of the tiny model share one vector directory; the router sits 
   replicas must serve the same names; ``--enable-igw`` routes by ``model`` to workers
   registered through ``POST /workers`` with one model id each (docs/scale-out.md).
 
-Not in ``make test``: ``make router-check`` runs it (the measured wall time and the last
-result are in docs/scale-out.md). Skips when ``vllm-router`` is not installed.
+Not in ``make test``: it runs only with ``ROUTER_CHECK=1``, which ``make router-check`` sets
+(the measured wall time and the last result are in docs/scale-out.md). It also skips when
+``vllm-router`` is not installed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.vllm,
+              pytest.mark.skipif(os.environ.get("ROUTER_CHECK") != "1",
+                                 reason="two extra engines (~3 min): `make router-check` runs it (ROUTER_CHECK=1)")]
 
 MODEL = "tiny-llama"
 HIDDEN, LAYERS = 128, 4                  # engine.models.build_tiny_llama's defaults
