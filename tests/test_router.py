@@ -9,7 +9,9 @@ Two real replicas of the tiny model share one vector directory; the router sits 
   field, both ``x-vsteer-*`` headers), on both replicas, for chat and completions;
 * streaming works through it and carries the headers;
 * bad steering comes back as the replica's 400 with its ``code``, counted once (no retry);
-* the router's own ``/health`` and Prometheus metrics work;
+* the router's own ``/health``, ``/liveness``, ``/readiness`` and Prometheus metrics work;
+* the registry routes reach one replica through it, and a vector added there is usable on
+  both (one shared directory);
 * routing by model name: the default (single-router) mode ignores ``model`` (any policy), so
   replicas must serve the same names; ``--enable-igw`` routes by ``model`` to workers
   registered through ``POST /workers`` with one model id each (docs/scale-out.md).
