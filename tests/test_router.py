@@ -10,8 +10,8 @@ Two real replicas of the tiny model share one vector directory; the router sits 
 * streaming works through it and carries the headers;
 * bad steering comes back as the replica's 400 with its ``code``, counted once (no retry);
 * the router's own ``/health``, ``/liveness``, ``/readiness`` and Prometheus metrics work;
-* the registry routes reach one replica through it, and a vector added there is usable on
-  both (one shared directory);
+* the registry routes reach one replica through it, without the client's headers (so
+  without the admin key); a vector added on one replica is usable on both (one directory);
 * routing by model name: the default (single-router) mode ignores ``model`` (any policy), so
   replicas must serve the same names; ``--enable-igw`` routes by ``model`` to workers
   registered through ``POST /workers`` with one model id each (docs/scale-out.md).
@@ -274,10 +274,12 @@ def test_router_health_and_metrics(replicas, router):
     assert requests.get((("route", "/v1/chat/completions"),), 0) >= 1, requests
 
 
-def test_admin_routes_through_router_reach_the_shared_registry(replicas, router):
-    """The router forwards routes it does not know (the registry routes) to one replica,
-    with the Authorization header; the registry is one shared directory, so a vector added
-    through the router is usable on every replica at once."""
+def test_registry_routes_and_the_shared_registry(replicas, router):
+    """The router forwards routes it does not know (the registry routes) to one replica with
+    method, path and body but without the client's headers (vllm-router 0.1.17): the admin
+    key never arrives, so admin calls go to a replica directly. The registry is one shared
+    directory: a vector added on one replica is usable through the router on both, and
+    deleted on the other."""
     import httpx
 
     from served import ADMIN_KEY
@@ -287,18 +289,21 @@ def test_admin_routes_through_router_reach_the_shared_registry(replicas, router)
     folder = save_vector_set(_vector_set("brisk", 11), replicas[0].vectors.parent / "upload-brisk")
     body = {"name": "brisk", "metadata": json.loads((folder / "vsteer.json").read_text()),
             "safetensors": base64.b64encode((folder / "vectors.safetensors").read_bytes()).decode()}
-    assert httpx.post(f"{router.url}/v1/steering/vectors", json=body, timeout=60).status_code == 401
-    r = httpx.post(f"{router.url}/v1/steering/vectors", json=body, headers=with_key, timeout=60)
+    for key_header in (with_key, {"X-Vsteer-Admin-Key": ADMIN_KEY}):
+        r = httpx.post(f"{router.url}/v1/steering/vectors", json=body, headers=key_header, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text  # a replica's 401
+    listed = httpx.get(f"{router.url}/v1/steering/vectors", timeout=30)  # reads need no key here
+    assert listed.status_code == 200 and "lively" in listed.text, listed.text
+
+    r = httpx.post(f"{replicas[0].url}/v1/steering/vectors", json=body, headers=with_key, timeout=60)
     assert r.status_code == 201, r.text
     try:
         for _ in range(2):  # round robin: both replicas resolve it from the shared directory
             brisk = {"vectors": [{"name": "brisk", "strength": 2.0}]}
             _, steering, _ = _completion(router.client(), extra_body={"steering": brisk})
             assert steering["vectors"][0]["name"] == "brisk"
-        listed = httpx.get(f"{router.url}/v1/steering/vectors", timeout=30).json()
-        assert "brisk" in json.dumps(listed)
     finally:
-        r = httpx.delete(f"{router.url}/v1/steering/vectors/brisk", headers=with_key, timeout=60)
+        r = httpx.delete(f"{replicas[1].url}/v1/steering/vectors/brisk", headers=with_key, timeout=60)
         assert r.status_code == 200, r.text
 
 
