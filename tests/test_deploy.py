@@ -937,3 +937,4 @@ def test_supported_vllm_range_is_written_once():
     repeated = [str(p.relative_to(ROOT)) for p in docs if p.name != "vllm.md" and version_range.search(p.read_text())]
     assert not repeated, f"the supported vLLM range is repeated in {repeated}: link docs/vllm.md#support"
     assert "docs/vllm.md#support" in (ROOT / "README.md").read_text()
+    assert re.search(r"^## Support$", (ROOT / "docs" / "vllm.md").read_text(), re.M), "the #support anchor"

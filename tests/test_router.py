@@ -14,7 +14,10 @@ Two real replicas of the tiny model share one vector directory; the router sits 
   without the admin key); a vector added on one replica is usable on both (one directory);
 * routing by model name: the default (single-router) mode ignores ``model`` (any policy), so
   replicas must serve the same names; ``--enable-igw`` routes by ``model`` to workers
-  registered through ``POST /workers`` with one model id each (docs/scale-out.md).
+  registered through ``POST /workers`` with one model id each (docs/scale-out.md);
+* steered models (``--steered-model``, the same on both replicas, and one created at run
+  time in the shared directory): ``model="<name>"`` with no extra_body through the router
+  equals the same steering sent as extra_body, streaming too.
 
 Not in ``make test``: it runs only with ``ROUTER_CHECK=1``, which ``make router-check`` sets
 (the measured wall time and the last result are in docs/scale-out.md). It also skips when
@@ -48,14 +51,9 @@ STEERING = {"vectors": [{"name": "lively", "strength": 6.0}], "positions": "gene
 CHAT = [{"role": "user", "content": "Tell me about your weekend."}]
 TOKENS = 8
 
-# -- steered-model aliases (issue 21) ----------------------------------------------------------
-# ALIAS CASES GO HERE when `--steered-model NAME=SPEC` lands (branch wip-aliases / main):
-#   1. add ALIAS_ARGS to both replicas' extra args, e.g. ["--steered-model", "lively-6=lively:6"];
-#   2. fill in test_alias_through_router below: model="lively-6" with no extra_body through the
-#      router must equal STEERING sent as extra_body (tokens, headers, `steering` field naming the
-#      alias), streaming too, and /v1/models through the router must list the alias with
-#      parent/root = MODEL (the default router proxies /v1/models to one replica: they must agree).
-ALIAS_ARGS: list[str] = []
+# -- steered models (issue 21): the same on both replicas, so the default router serves them ----
+ALIAS = "lively-6"                       # means MODEL with STEERING: model=ALIAS needs no extra_body
+ALIAS_ARGS = ["--steered-model", f"{ALIAS}=lively:6;positions=generated"]
 
 
 def _router_binary() -> str:
@@ -171,16 +169,16 @@ def router(replicas, tmp_path_factory):
         r.stop()
 
 
-def _chat(client, **kw):
+def _chat(client, model: str = MODEL, **kw):
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=CHAT, max_tokens=TOKENS, temperature=0.0, seed=0, **kw)
+        model=model, messages=CHAT, max_tokens=TOKENS, temperature=0.0, seed=0, **kw)
     resp = raw.parse()
     return resp.choices[0].message.content, resp.model_extra.get("steering"), raw.headers
 
 
-def _completion(client, **kw):
+def _completion(client, model: str = MODEL, **kw):
     raw = client.completions.with_raw_response.create(
-        model=MODEL, prompt="The weather today is", max_tokens=TOKENS, temperature=0.0, seed=0, **kw)
+        model=model, prompt="The weather today is", max_tokens=TOKENS, temperature=0.0, seed=0, **kw)
     resp = raw.parse()
     return resp.choices[0].text, resp.model_extra.get("steering"), raw.headers
 
@@ -356,9 +354,64 @@ def test_igw_mode_routes_by_model_name(replicas, tmp_path_factory):
         igw.stop()
 
 
-# -- steered-model aliases (filled in when they land; see ALIAS_ARGS above) ------------------------
+# -- steered models through the router ------------------------------------------------------------
 
-@pytest.mark.skipif(not ALIAS_ARGS, reason="steered-model aliases (--steered-model NAME=SPEC) not merged yet")
-def test_alias_through_router(replicas, router):
-    """model="<alias>" with no extra_body through the default router (placeholder)."""
-    raise NotImplementedError("fill in with the alias cases listed at ALIAS_ARGS")
+def _stream_chat(client, model: str, **kw) -> tuple[str, dict]:
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=CHAT, max_tokens=TOKENS, temperature=0.0, seed=0, stream=True, **kw) as raw:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        return text, dict(raw.headers)
+
+
+def test_steered_model_through_router(replicas, router):
+    """model=ALIAS with no extra_body, through the default router (so on both replicas), equals
+    STEERING sent as extra_body, streaming or not; the router lists the steered model (its
+    /v1/models is one replica's, and the replicas agree)."""
+    import httpx
+
+    cards = {c["id"]: c for c in httpx.get(f"{router.url}/v1/models", timeout=30).json()["data"]}
+    assert cards[ALIAS]["parent"] == MODEL and cards[ALIAS]["steering"]["vectors"][0]["name"] == "lively"
+    via = router.client()
+    by_body_text, by_body, by_body_headers = _chat(via, extra_body={"steering": STEERING})
+    for _ in range(2):  # round robin: once on each replica
+        text, steering, headers = _chat(via, ALIAS)
+        assert text == by_body_text and steering["source"] == "alias" and steering["model"] == ALIAS
+        assert headers["x-vsteer-fingerprint"] == by_body_headers["x-vsteer-fingerprint"] == by_body["fingerprint"]
+        assert json.loads(headers["x-vsteer-steering"]) == steering
+        streamed, stream_headers = _stream_chat(via, ALIAS)
+        assert streamed == by_body_text
+        assert json.loads(stream_headers["x-vsteer-steering"])["model"] == ALIAS
+
+
+def test_run_time_steered_model_through_router(replicas, router):
+    """A steered model created through one replica's admin API lives in the shared vector
+    directory: through the router it is served by both replicas, and gone from both once
+    deleted through the other (the router cannot carry the admin key: tested above)."""
+    import httpx
+    import openai
+
+    from served import ADMIN_KEY
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    made = httpx.post(f"{replicas[0].url}/v1/steering/models", headers=admin,
+                      json={"name": "lively-3", "spec": "lively:3"}, timeout=30)
+    assert made.status_code == 201, made.text
+    try:
+        deadline = time.monotonic() + 10  # replicas re-read the directory's steered models every second
+        served = 0
+        while served < 2:  # two in a row: both replicas know it
+            try:
+                _, steering, _ = _completion(router.client(), model="lively-3")
+                assert steering["model"] == "lively-3"
+                served += 1
+            except openai.NotFoundError:
+                served = 0
+                assert time.monotonic() < deadline, "the other replica did not pick up the steered model"
+                time.sleep(0.5)
+    finally:
+        gone = httpx.delete(f"{replicas[1].url}/v1/steering/models/lively-3", headers=admin, timeout=30)
+        assert gone.status_code == 200, gone.text
+    time.sleep(2.5)
+    for _ in range(2):
+        with pytest.raises(openai.NotFoundError):
+            _completion(router.client(), model="lively-3")
