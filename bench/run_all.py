@@ -45,7 +45,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                     ["--model", "tiny-llama", "--requests", "16", "--concurrency", "4", "--tokens", "8",
                      "--reps", "1"]),
     "step_overhead": ([], ["--batches", "64,256", "--steps", "200", "--warmup", "20", "--hidden", "512",
-                           "--layers", "8"]),
+                           "--layers", "8", "--new-batches", "1,16", "--new-steps", "4"]),
+    "tenants": ([], ["--model", "tiny-llama", "--phase-s", "5", "--rounds", "1", "--budgets", "on"]),
     "ops_overhead": (["--batch", "32", "--tokens", "32", "--reps", "3"],
                      ["--model", "tiny-llama", "--batch", "8", "--tokens", "8", "--reps", "1", "--engines",
                       "before,after", "--enforce-eager"]),
@@ -60,7 +61,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 SCRIPT = {"extraction_vllm": "extraction"}
 TIMEOUT_S = {"extraction": 1800, "eval_sweep": 1800, "hf_vs_vllm": 2400, "serving_overhead": 3600,
              "server_load": 2400, "step_overhead": 1200, "ops_overhead": 3600, "extraction_vllm": 2400,
-             "ops_study": 2400, "recipes": 5400}
+             "ops_study": 2400, "recipes": 5400, "tenants": 2400}
 
 
 def run_benchmarks(names: list[str], quick: bool) -> dict[str, dict]:
@@ -188,7 +189,8 @@ HEADINGS = {"extraction": "## Extraction throughput", "eval_sweep": "## Steering
             "hf_vs_vllm": "## HF hooks vs vsteer", "serving_overhead": "## Serving overhead",
             "server_load": "## Server under load", "step_overhead": "## Per-step host cost",
             "ops_overhead": "## Operators: add-only", "extraction_vllm": "## Extraction inside vLLM",
-            "ops_study": "## Operators on SmolLM2", "recipes": "## Recipes against prompting"}
+            "ops_study": "## Operators on SmolLM2", "recipes": "## Recipes against prompting",
+            "tenants": "## Fairness between tenants"}
 
 
 def previous_sections() -> dict[str, list[str]]:
@@ -431,6 +433,10 @@ def write_results(runs: dict[str, dict] | None = None) -> Path:
         import step_overhead
 
         L += step_overhead.report_lines(results["step_overhead"])
+    if results.get("tenants"):
+        import tenants
+
+        L += tenants.report_lines(results["tenants"])
     if results.get("ops_overhead"):
         import ops_overhead
 

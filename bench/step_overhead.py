@@ -23,9 +23,9 @@ over the distinct configs), in
 * ``mixed``: decode plus ``--new-per-step`` requests that finish and are replaced each step
   by new ones prefilling a ``--chunk``-token chunk (chunked prefill with churn: the new
   requests are looked up; their configs are in use by other requests, and resident);
-* ``new``: a warmed-up worker whose whole batch is replaced every step by requests with
-  configs it has never seen (the step-path cost of new tenants: every row written anew;
-  ``--new-steps`` steps).
+* ``new``: a worker whose whole batch is replaced every step by new requests, alternately
+  with configs it has never seen and with resident ones; the difference of the medians,
+  per config, is what a new config costs the step path (its rows written anew).
 Each case reports the median and p90 over ``--steps`` steps after ``--warmup`` steps
 (steady state), and separately the first step of a fresh worker: it meets every distinct
 config for the first time and writes their table rows (the step-path cost of new configs).
@@ -181,7 +181,9 @@ class Scenario:
 
 # -- measurement -----------------------------------------------------------------------------
 def run_new_configs(args: argparse.Namespace, batch: int) -> dict[str, Any]:
-    """Steps that each meet ``batch`` never-seen configs, after warm-up steps that met others."""
+    """Steps whose ``batch`` requests are all new to the worker, alternating between configs
+    it has never seen ("new") and configs already resident ("known"): the difference is
+    what new configs cost the step path (new requests cost the rest either way)."""
     import numpy as np
     import torch
 
@@ -189,30 +191,37 @@ def run_new_configs(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     from vsteer.serving.worker import WorkerSteering
 
     dtype = getattr(torch, args.dtype)
-    runner = FakeRunner(num_layers=args.layers, hidden=args.hidden, max_num_reqs=max(batch, TARGET_BATCH),
+    # rows for both sets: the resident ("known") configs must stay resident while new ones come
+    runner = FakeRunner(num_layers=args.layers, hidden=args.hidden, max_num_reqs=2 * batch,
                         max_num_tokens=max(batch, 2048), dtype=dtype)
     steered = list(range(args.layers // 3, args.layers, max(1, args.layers // (3 * args.steered_layers))))
     steered = steered[:args.steered_layers]
     runner._vsteer = ws = WorkerSteering(runner)
     step = v1.prepare_inputs_wrapper(lambda *a, **k: None)
-    times, prepare_us = [], []
-    for i in range(args.warmup_new + args.new_steps):
-        extra_args, prep = make_extra_args(batch, args.hidden, args.layers, steered, dtype, seed=1000 + i)
-        prepare_us += prep
+    known_args, _ = make_extra_args(batch, args.hidden, args.layers, steered, dtype, seed=999)
+    times: dict[str, list[float]] = {"new": [], "known": []}
+    prepare_us: list[float] = []
+    for i in range(2 * (args.warmup_new + args.new_steps)):
+        kind = "new" if i % 2 else "known"
+        if kind == "new":
+            extra_args, prep = make_extra_args(batch, args.hidden, args.layers, steered, dtype, seed=1000 + i)
+            prepare_us += prep
+        else:
+            extra_args = known_args
         runner.requests.clear()
         runner.input_batch.req_ids = []
         scenario = Scenario(runner, extra_args, batch, mixed=False, new_per_step=0, chunk=1, prefix=f"step{i}")
         gc.collect()
         t0 = time.perf_counter()
         step(runner, SimpleNamespace(finished_req_ids=set()), scenario.num_scheduled)
-        if i >= args.warmup_new:
-            times.append((time.perf_counter() - t0) * 1e6)
-    assert ws.stats["new_configs"] == batch * (args.warmup_new + args.new_steps) and not ws.failed
-    arr = np.array(times)
-    return {"batch": batch, "configs": batch, "kind": "new", "tokens_per_step": batch,
-            "median_us": float(np.median(arr)), "p90_us": float(np.percentile(arr, 90)), "min_us": float(arr.min()),
-            "new_config_us": float(np.median(arr)) / batch, "prepare_us_per_config": float(np.median(prepare_us)),
-            "steps": args.new_steps}
+        if i >= 2 * args.warmup_new:
+            times[kind].append((time.perf_counter() - t0) * 1e6)
+    assert not ws.failed
+    new, known = float(np.median(times["new"])), float(np.median(times["known"]))
+    return {"batch": batch, "configs": batch, "kind": "new", "tokens_per_step": batch, "median_us": new,
+            "p90_us": float(np.percentile(times["new"], 90)), "min_us": float(np.min(times["new"])),
+            "known_median_us": known, "new_config_us": max(new - known, 0.0) / batch,
+            "prepare_us_per_config": float(np.median(prepare_us)), "steps": args.new_steps}
 
 
 def run_case(args: argparse.Namespace, batch: int, configs: int, kind: str) -> dict[str, Any]:
@@ -277,9 +286,10 @@ def checks(cases: list[dict]) -> list[dict]:
         out.append({"target": f"a step meeting {fresh['batch']} never-seen configs: <= {TARGET_NEW_CONFIG_US:g} us "
                               "of step path per new config (median)", "value": per, "met": per <= TARGET_NEW_CONFIG_US})
         if fresh["batch"] == TARGET_BATCH:
-            ms = fresh["median_us"] / 1000
+            ms = fresh["new_config_us"] * fresh["batch"] / 1000
             out.append({"target": f"a step meeting {TARGET_BATCH} never-seen configs: < {TARGET_256_NEW_MS:g} ms "
-                                  "(median)", "value": ms, "met": ms < TARGET_256_NEW_MS})
+                                  "more than one meeting resident ones (medians)", "value": ms,
+                         "met": ms < TARGET_256_NEW_MS})
     return out
 
 
@@ -297,7 +307,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
              "engine core's input thread, off the step path. Host time only (no model forward). Targets: <= 100 us "
              "at 256 x 256 distinct in decode (an 8B decode step at batch 256 on an H200 is ~15-25 ms), linear or "
              "better to 1024, <= 100 us of step path per never-seen config, < 5 ms for a step meeting 256. "
-             "new = every request of the step brings a never-seen config (its rows written anew).", "",
+             "new = every request of the step is new and brings a never-seen config (its rows written anew); "
+             "step us per new config = (median new step - median step of new requests with resident configs) / "
+             "batch.", "",
              "| batch | distinct configs | step | tokens | median us | p90 us | first step us | step us per new "
              "config | prepare us per config (off the step) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                     r["victim_errors"], r["attacker_ok"], r["attacker_429"], r["met"]] for r in summary]))
     params = {k: getattr(args, k) for k in ("model", "phase_s", "rounds", "connections", "rate", "vectors", "layers",
                                              "victim_tokens", "budgets")}
-    C.write_result(NAME, {"params": params, "summary": summary, "results": results,
+    checks = [{"target": f"victim ({r['victim']}) tok/s under a new-spec-per-request attacker ({r['mode']} loop, "
+                         f"budget {r['budget']}) / against the same attacker unsteered >= {TARGET}, 0 victim errors",
+               "value": r["ratio"], "met": r["met"]} for r in summary]
+    C.write_result(NAME, {"params": params, "summary": summary, "checks": checks, "results": results,
                           "commands": {b: r["command"] for b, r in runs.items()}, **C.meta()}, args.out)
     return 0
 

@@ -31,10 +31,11 @@ VECTORS_PATH = "/v1/steering/vectors"
 MODELS_PATH = "/v1/steering/models"
 """Steered models: list (GET), add (POST) and remove (DELETE /{name}) run-time ones."""
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/chat/completions/batch",
-                 "/v1/messages")
-"""Generation routes whose requests may carry steering (the Anthropic-compatible
-``/v1/messages`` runs through the chat request class). Every other route refuses a
-``steering`` field (docs/server.md, "Routes")."""
+                 "/v1/messages", "/cohere/v2/chat", "/invocations")
+"""Generation routes whose requests may carry steering: the OpenAI ones, and the ones vLLM
+converts into them (Anthropic ``/v1/messages`` and Cohere ``/cohere/v2/chat`` into a chat
+request, SageMaker ``/invocations`` into chat or completions). Every other route refuses a
+``steering`` field and a steered model (docs/server.md, "Routes")."""
 
 WORKER_STATS_METHOD = "vsteer_stats"
 """The ``collective_rpc`` method the server calls to pull the workers' counters."""

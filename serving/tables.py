@@ -30,6 +30,7 @@ correct under async scheduling and between the dummy runs of idle data-parallel 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -39,6 +40,19 @@ from vsteer.engine.positions import steered_mask_by_code
 
 from .prepared import PreparedSteering
 from .uploads import Uploader, upload_sync, uploader_for
+
+
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """Where a config's layers go: its table slots, and which of them need the general path."""
+
+    idx: np.ndarray | None
+    """Indices into the config's layers that this worker hooks (None: all of them)."""
+    slots: np.ndarray
+    general: np.ndarray
+    preserve: np.ndarray
+    active_mask: int
+    general_mask: int
 
 
 def _mask(slots: np.ndarray) -> int:
@@ -89,7 +103,8 @@ class SteeringTables:
         self._dirty_tokens = 0
         self._resident: OrderedDict[str, int] = OrderedDict()   # fingerprint -> row, LRU order
         self._free_rows = list(range(max_configs, 0, -1))
-        self._row_slots: dict[int, tuple[np.ndarray, bool]] = {}  # row -> (the slots it wrote, projections?)
+        self._row_state: dict[int, tuple[_Layout, bool]] = {}  # row -> (its config's layout, projects?)
+        self._layouts: dict[tuple[bytes, bytes, bytes], _Layout] = {}
         self._scratches: dict[str, torch.Tensor] = {}
         self._row_masks: dict[int, tuple[int, int]] = {}  # row -> (active, general) slots as bit masks
         self.last_written = 0
@@ -99,66 +114,84 @@ class SteeringTables:
         earlier ``assign_rows`` stay valid while it is unchanged (the worker's batch plan)."""
 
     # -- configs -> table rows -------------------------------------------------------
-    def _slots_of(self, prepared: PreparedSteering) -> tuple[np.ndarray | None, np.ndarray]:
-        """(indices into ``prepared.layers`` or None for all of them, table slots) of the
-        layers this worker hooks (layers of another pipeline stage are steered there)."""
-        slots = self._slot_lut[np.minimum(prepared.layers, len(self._slot_lut) - 1)]
-        keep = slots >= 0
-        if keep.all():
-            return None, slots
-        return np.flatnonzero(keep), slots[keep]
+    def _layout(self, prepared: PreparedSteering) -> _Layout:
+        """Where a config goes in these tables; configs over the same layers (and flags) share
+        one ``_Layout``, so writing a new config costs no per-layer work on the host."""
+        key = (prepared.layers.tobytes(), prepared.general.tobytes(), prepared.preserve_norm.tobytes())
+        layout = self._layouts.get(key)
+        if layout is None:
+            slots = self._slot_lut[np.minimum(prepared.layers, len(self._slot_lut) - 1)]
+            keep = slots >= 0  # layers of another pipeline stage are steered there
+            idx = None if keep.all() else np.flatnonzero(keep)
+            general, preserve = prepared.general[keep], prepared.preserve_norm[keep]
+            slots = slots[keep]
+            layout = _Layout(idx, slots, slots[general], slots[preserve], _mask(slots), _mask(slots[general]))
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            self._layouts[key] = layout
+        return layout
 
     def _write_rows(self, new: list[tuple[int, PreparedSteering]]) -> None:
-        """Write several configs at once: clear what the rows' previous occupants wrote, then
-        copy the new data, one indexed copy per buffer (the projection buffers only for
-        configs that project, the flags only where set)."""
-        stale = [(row, self._row_slots.pop(row)) for row, _ in new if row in self._row_slots]
-        if stale:
-            self._zero(stale)
-        parts: list[tuple[np.ndarray | None, np.ndarray, PreparedSteering]] = []
+        """Write several configs at once: clear what the rows' previous occupants wrote and
+        the new ones do not overwrite, then copy the new data, one indexed copy per buffer
+        (the projection buffers only for configs that project, the flags only where set)."""
+        rows_per_slot = self._rows_per_slot
+        zero_add: list[np.ndarray] = []
+        zero_proj: list[np.ndarray] = []
+        zero_flags: list[np.ndarray] = []
+        parts: list[tuple[_Layout, np.ndarray, PreparedSteering]] = []
+        general: list[np.ndarray] = []
+        preserve: list[np.ndarray] = []
         for row, prepared in new:
             if prepared.max_projections != self.max_projections:
                 raise RuntimeError(f"config {prepared.fingerprint} was prepared for {prepared.max_projections} "
                                    f"projection slots, the tables hold {self.max_projections} (VSTEER_MAX_PROJECTIONS "
                                    "must be the same in every vLLM process)")
-            idx, slots = self._slots_of(prepared)
-            general = prepared.general if idx is None else prepared.general[idx]
-            self._row_slots[row] = (slots, prepared.projects)
-            self._row_masks[row] = (_mask(slots), _mask(slots[general]))
-            if len(slots):
-                parts.append((idx, slots * self._rows_per_slot + row, prepared))  # flat (slot, row) entries
-        if not parts:
-            return
-        self._put(self._flat[0], parts, "add")
-        projecting = [p for p in parts if p[2].projects]
-        if projecting:
-            self._put(self._flat[1], projecting, "directions")
-            self._put(self._flat[2], projecting, "targets")
-        for buf, field in ((self._flat[3], "preserve_norm"), (self._flat[4], "general")):
-            picked = [flat[f] for idx, flat, p in parts
-                      for f in [getattr(p, field) if idx is None else getattr(p, field)[idx]] if f.any()]
-            if picked:
-                buf.index_fill_(0, self._index(np.concatenate(picked)), True)
+            layout = self._layout(prepared)
+            old = self._row_state.get(row)
+            if old is not None:
+                old_layout, old_projects = old
+                if old_layout is not layout:
+                    zero_add.append(old_layout.slots[~np.isin(old_layout.slots, layout.slots)] * rows_per_slot + row)
+                if old_projects and not (prepared.projects and old_layout is layout):
+                    zero_proj.append(old_layout.slots * rows_per_slot + row)
+                if old_layout.general_mask or len(old_layout.preserve):
+                    zero_flags.append(old_layout.slots * rows_per_slot + row)
+            self._row_state[row] = (layout, prepared.projects)
+            self._row_masks[row] = (layout.active_mask, layout.general_mask)
+            if len(layout.slots):
+                parts.append((layout, layout.slots * rows_per_slot + row, prepared))  # flat (slot, row) entries
+                if len(layout.general):
+                    general.append(layout.general * rows_per_slot + row)
+                if len(layout.preserve):
+                    preserve.append(layout.preserve * rows_per_slot + row)
+        for flat, buffers in ((zero_add, self._flat[:1]), (zero_proj, self._flat[1:3]), (zero_flags, self._flat[3:])):
+            self._fill(flat, buffers, 0)
+        if parts:
+            self._put(self._flat[0], parts, "add")
+            projecting = [p for p in parts if p[2].projects]
+            if projecting:
+                self._put(self._flat[1], projecting, "directions")
+                self._put(self._flat[2], projecting, "targets")
+        self._fill(preserve, self._flat[3:4], True)
+        self._fill(general, self._flat[4:], True)
 
-    def _zero(self, stale: list[tuple[int, tuple[np.ndarray, bool]]]) -> None:
-        """Zero the entries earlier occupants of these rows wrote."""
-        flat = np.concatenate([slots * self._rows_per_slot + row for row, (slots, _) in stale])
-        if not len(flat):
-            return
-        index = self._index(flat)
-        projected = any(p for _, (_, p) in stale)
-        for buf in (self._flat if projected else (self._flat[0], self._flat[3], self._flat[4])):
-            buf.index_fill_(0, index, 0)
+    def _fill(self, flat: list[np.ndarray], buffers: tuple[torch.Tensor, ...], value: bool | int) -> None:
+        if flat:
+            index = self._index(np.concatenate(flat))
+            for buf in buffers:
+                buf.index_fill_(0, index, value)
 
     def _put(self, flat_buf: torch.Tensor, parts: list, field: str) -> None:
         """One indexed copy of ``field`` of every part (gathered into host scratch that is
         reused, so no step pays fresh page faults)."""
-        chunks = [getattr(p, field) if idx is None else getattr(p, field).index_select(0, torch.from_numpy(idx))
-                  for idx, _, p in parts]
-        data = chunks[0].to(flat_buf.dtype) if len(chunks) == 1 else None
-        if data is None:
+        chunks = [getattr(p, field) if layout.idx is None else getattr(p, field).index_select(
+            0, torch.from_numpy(layout.idx)) for layout, _, p in parts]
+        if len(chunks) == 1:
+            data = chunks[0].to(flat_buf.dtype)
+        else:
             data = self._scratch(field, (sum(c.shape[0] for c in chunks), *flat_buf.shape[1:]), flat_buf.dtype)
-            torch.cat([c.to(flat_buf.dtype) for c in chunks], out=data)
+            torch.cat(chunks if chunks[0].dtype == flat_buf.dtype else [c.to(flat_buf.dtype) for c in chunks], out=data)
         flat_buf.index_copy_(0, self._index(np.concatenate([p[1] for p in parts])), self._on_device(data))
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

