@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup tools demo test test-fast bench eval clean compat compat-static
+.PHONY: setup tools demo test test-fast bench eval clean compat compat-static router-check readonly-check image-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,35 @@ compat:
 # one verdict line per version; docs/vllm.md "Static check of GPU releases".
 compat-static: setup
 	bash scripts/compat_static.sh $(VERSIONS)
+
+# Two `vsteer serve` replicas (tiny model) behind the vLLM project's router, `vllm-router`
+# (tests/test_router.py). Not in `make test`: ~3 min on 2 cores and a package CI does not
+# install. Last result: docs/scale-out.md "Behind a router".
+router-check: setup
+	$(BIN)/python -c "import vllm_router" 2>/dev/null || $(BIN)/pip install -q "vllm-router>=0.1.17,<0.2"
+	ROUTER_CHECK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -rs --durations=0 tests/test_router.py
+
+# `vsteer serve` under the base Deployment's securityContext: uid 10001, no capabilities, a
+# read-only root with only the manifest's writable mounts (bubblewrap; run as root to build it).
+readonly-check: setup
+	command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap)
+	READONLY_CHECK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -rs -s tests/test_deploy.py -k read_only_root
+
+# Build the CPU image and wait for its HEALTHCHECK, with the container's root read-only
+# (needs a Docker daemon with BuildKit and access to the base image and the package indexes).
+IMAGE ?= vsteer:cpu-check
+image-check:
+	DOCKER_BUILDKIT=1 docker build -f deploy/Dockerfile --target cpu -t $(IMAGE) $(DOCKER_BUILD_ARGS) .
+	docker run -d --name vsteer-image-check --read-only --shm-size=1g --tmpfs /tmp --tmpfs /home/vsteer:uid=10001,gid=10001 \
+	  --tmpfs /vectors:uid=10001,gid=10001 --tmpfs /models:uid=10001,gid=10001 -e VLLM_CPU_KVCACHE_SPACE=1 \
+	  -e VSTEER_CACHE_DIR=/models $(DOCKER_RUN_ARGS) $(IMAGE)
+	for i in $$(seq 1 60); do \
+	  s=$$(docker inspect -f '{{.State.Health.Status}}' vsteer-image-check); echo "health: $$s"; \
+	  [ "$$s" = healthy ] && break; [ "$$s" = unhealthy ] && break; sleep 10; done; \
+	docker exec vsteer-image-check sh -c 'id; for c in gcc g++ cc c++ clang; do command -v $$c && exit 1; done; echo no compiler'; \
+	ok=$$?; docker logs --tail 20 vsteer-image-check; \
+	if docker logs vsteer-image-check 2>&1 | grep -E 'Read-only file system|Permission denied'; then ok=1; fi; \
+	docker rm -f vsteer-image-check >/dev/null; [ "$$s" = healthy ] && [ $$ok = 0 ]
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -291,6 +292,102 @@ def test_cpu_dev_overlay():
     assert ("PersistentVolumeClaim", "vsteer-models") not in kinds_names, "cpu-dev needs no model store"
 
 
+# -- Kubernetes: security context and the writable paths under a read-only root ------------------
+
+# Environment variables naming a directory the server writes into (caches, sockets, registry).
+WRITABLE_ENV = ("HOME", "TMPDIR", "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "HF_HOME", "TRITON_CACHE_DIR",
+                "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "VSTEER_VECTORS_DIR", "VSTEER_CACHE_DIR")
+POD_LEVEL = ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile")  # containers inherit these
+
+
+def _base_deployment() -> dict:
+    docs = [d for d in yaml.safe_load_all((K8S / "base" / "deployment.yaml").read_text()) if d]
+    return _one(docs, "Deployment", "vsteer")
+
+
+def writable_mounts(deployment: dict, container: str = "vsteer") -> dict[str, dict]:
+    """mountPath -> volume of each writable (not readOnly) mount of the container."""
+    spec = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    c = next(c for c in spec["containers"] if c["name"] == container)
+    return {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def check_security_context(name: str, deployment: dict) -> None:
+    """Restricted Pod Security Standard plus a read-only root whose writable paths are volumes."""
+    spec = deployment["spec"]["template"]["spec"]
+    pod_sc = spec.get("securityContext") or {}
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+    for c in spec["containers"] + spec.get("initContainers", []):
+        where = f"{name}/{c['name']}"
+        sc = {**{k: pod_sc[k] for k in POD_LEVEL if k in pod_sc}, **(c.get("securityContext") or {})}
+        assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+        assert int(sc.get("runAsUser", -1)) > 0, f"{where}: a numeric non-root runAsUser"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation: false"
+        assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem: true"
+        assert not sc.get("privileged"), f"{where}: privileged"
+        caps = sc.get("capabilities") or {}
+        assert caps.get("drop") == ["ALL"] and not caps.get("add"), f"{where}: capabilities drop [ALL], add none"
+        assert (sc.get("seccompProfile") or {}).get("type") in ("RuntimeDefault", "Localhost"), f"{where}: seccomp"
+
+    c = _container(deployment)
+    writable = writable_mounts(deployment)
+    for path in ("/tmp", "/dev/shm", "/vectors"):
+        assert path in writable, f"{name}: {path} must be a writable volume under the read-only root"
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env.get("HOME") and env.get("TMPDIR") == "/tmp", f"{name}: HOME and TMPDIR set explicitly"
+    for var in WRITABLE_ENV:
+        if env.get(var):
+            assert _under(env[var], writable), f"{name}: {var}={env[var]} is not on a writable volume"
+    for var in ("HOME", "TMPDIR"):
+        mount = max((m for m in writable if _under(env[var], [m])), key=len)
+        assert "emptyDir" in writable[mount], f"{name}: {var} should be an emptyDir (scratch, per pod)"
+    for path, volume in writable.items():
+        if "emptyDir" in volume:
+            assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir at {path} without sizeLimit"
+
+
+def test_overlay_security_context(overlay):
+    name, docs = overlay
+    check_security_context(name, _one(docs, "Deployment", "vsteer"))
+
+
+def test_base_security_context_without_kubectl():
+    check_security_context("base", _base_deployment())
+
+
+def test_security_context_check_fails_on_gaps():
+    """The check above is only worth something if it can fail."""
+    import copy
+
+    good = _base_deployment()
+    check_security_context("base", good)
+
+    def broken(edit) -> dict:
+        d = copy.deepcopy(good)
+        edit(d["spec"]["template"]["spec"])
+        return d
+
+    container = lambda s: s["containers"][0]  # noqa: E731
+    cases = {
+        "root filesystem writable": lambda s: container(s)["securityContext"].pop("readOnlyRootFilesystem"),
+        "capability kept": lambda s: container(s)["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
+        "runs as root": lambda s: s["securityContext"].update(runAsUser=0),
+        "no seccomp": lambda s: s["securityContext"].pop("seccompProfile"),
+        "no /tmp volume": lambda s: container(s).update(
+            volumeMounts=[m for m in container(s)["volumeMounts"] if m["mountPath"] != "/tmp"]),
+        "cache outside volumes": lambda s: container(s)["env"].append({"name": "VLLM_CACHE_ROOT",
+                                                                        "value": "/opt/cache"}),
+    }
+    for what, edit in cases.items():
+        with pytest.raises(AssertionError):
+            check_security_context(what, broken(edit))
+
+
 def test_admin_key_component(tmp_path):
     """The opt-in secretGenerator: renders once its git-ignored env file exists, and the
     Deployment refers to the generated (hash-suffixed) Secret."""
@@ -363,7 +460,15 @@ def test_prometheusrule_is_the_rules_file():
 
 # -- Docker ---------------------------------------------------------------------------------------
 
-def _stages(dockerfile: str) -> dict[str, list[str]]:
+DOCKERFILE = DEPLOY / "Dockerfile"
+INSTALL_STAGES = ("cpu-build", "gpu")   # the stages that pip-install vsteer
+FINAL_STAGES = ("cpu", "gpu")           # the build targets users run
+COMPILERS = re.compile(r"(?<![\w.-])(gcc|g\+\+|cc|c\+\+|clang|clang\+\+|build-essential|cpp|make|cmake|"
+                       r"gcc-\d+|g\+\+-\d+|ninja-build|gfortran)(?![\w.+-])")
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    """Dockerfile instructions, continuation lines joined, comments and blanks dropped."""
     lines, cur = [], ""
     for raw in dockerfile.splitlines():
         s = raw.strip()
@@ -373,24 +478,42 @@ def _stages(dockerfile: str) -> dict[str, list[str]]:
         if not s.endswith("\\"):
             lines.append(cur)
             cur = ""
+    return lines
+
+
+def _stages(dockerfile: str) -> dict[str, list[str]]:
+    """Stage name -> its instructions; each list starts with the stage's own FROM line."""
     stages: dict[str, list[str]] = {}
     name = None
-    for line in lines:
+    for line in _instructions(dockerfile):
         m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.I)
         if m:
             name = m.group(1)
-            stages[name] = []
+            stages[name] = [line]
         elif name:
             stages[name].append(line)
     return stages
 
 
+def _global_args(dockerfile: str) -> dict[str, str]:
+    """ARG defaults declared before the first FROM (the ones FROM lines may use)."""
+    out = {}
+    for line in _instructions(dockerfile):
+        if line.startswith("FROM "):
+            break
+        m = re.match(r"ARG\s+(\w+)(?:=(\S+))?", line)
+        if m:
+            out[m.group(1)] = m.group(2) or ""
+    return out
+
+
 def test_dockerfile_layers():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
-    stages = _stages((DEPLOY / "Dockerfile").read_text())
-    assert set(stages) == {"cpu", "gpu"} and list(stages)[-1] == "gpu", "gpu must be the default (last) target"
-    for name, lines in stages.items():
+    stages = _stages(DOCKERFILE.read_text())
+    assert list(stages) == ["cpu-build", "cpu", "gpu"], "gpu must be the default (last) target"
+    for name in INSTALL_STAGES:
+        lines = stages[name]
         copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
         copied = {src for *srcs, _dst in copies for src in srcs}
         assert all((ROOT / src).exists() for src in copied), f"{name}: COPY of a missing path"
@@ -405,8 +528,89 @@ def test_dockerfile_layers():
         assert idx(lambda line: line.startswith("COPY pyproject.toml")) < deps < min(first_source, readme), \
             f"{name}: dependencies must be installed before the sources (and README.md) are copied"
         assert max(first_source, readme) < install
-        assert 'ENTRYPOINT ["vsteer", "serve"]' in lines
-    assert "vllm/vllm-openai:v0.32" in (DEPLOY / "Dockerfile").read_text()
+    for name in FINAL_STAGES:
+        assert 'ENTRYPOINT ["vsteer", "serve"]' in stages[name]
+    assert _global_args(DOCKERFILE.read_text())["VLLM_IMAGE"].startswith("vllm/vllm-openai:v0.32")
+
+
+def _final_user(lines: list[str], args: dict[str, str]) -> str:
+    users = [line.split(None, 1)[1] for line in lines if line.startswith("USER ")]
+    assert users, "no USER instruction: the image would run as root"
+    user = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), "?"), users[-1])
+    return user.split(":")[0]
+
+
+def test_dockerfile_runs_as_a_numeric_non_root_user():
+    """The last USER of each target is a numeric uid other than 0: Kubernetes' runAsNonRoot
+    can only verify a numeric user, and the manifests' runAsUser is the same uid."""
+    text = DOCKERFILE.read_text()
+    stages, args = _stages(text), _global_args(text)
+    for name in FINAL_STAGES:
+        uid = _final_user(stages[name], args)
+        assert uid.isdigit() and int(uid) != 0, f"{name}: USER {uid!r} must be a numeric non-root uid"
+        assert uid == str(_base_deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
+        last_user = max(i for i, line in enumerate(stages[name]) if line.startswith("USER "))
+        assert not [line for line in stages[name][last_user:] if line.startswith("RUN ")], \
+            f"{name}: RUN after USER (build steps belong before the switch)"
+
+
+def test_dockerfile_healthcheck():
+    stages = _stages(DOCKERFILE.read_text())
+    for name in FINAL_STAGES:
+        checks = [line for line in stages[name] if line.startswith("HEALTHCHECK ")]
+        assert len(checks) == 1, f"{name}: one HEALTHCHECK"
+        check = checks[0]
+        assert "CMD" in check and "/health" in check and "127.0.0.1" in check, check
+        assert re.search(r"--start-period=\d+[sm]", check), f"{name}: a start period covers model loading"
+        assert re.search(r"--timeout=\d+s", check) and re.search(r"--interval=\d+s", check)
+
+
+def test_dockerfile_final_cpu_image_has_no_compiler():
+    """The CPU target is a second stage on a fresh base: it takes only the virtualenv from
+    the build stage and installs no compiler (so it serves with --enforce-eager)."""
+    stages, args = _stages(DOCKERFILE.read_text()), _global_args(DOCKERFILE.read_text())
+    cpu = stages["cpu"]
+    base = cpu[0].split()[1]
+    assert base == "${PYTHON_IMAGE}" and base.strip("${}") in args, "cpu must start from the base image again"
+    assert stages["cpu-build"][0].split()[1] == base, "build and runtime stages share the base (the venv's python)"
+    copies_from = [line for line in cpu if line.startswith("COPY --from")]
+    assert copies_from == ["COPY --from=cpu-build /opt/venv /opt/venv"], copies_from
+    for line in cpu:
+        if line.startswith("RUN ") and "install" in line:
+            assert not COMPILERS.search(line.split("install", 1)[1]), f"cpu installs a compiler: {line}"
+    assert "--enforce-eager" in next(line for line in cpu if line.startswith("CMD "))
+    # the pattern finds what it must
+    assert COMPILERS.search(" libnuma1 g++ ") and COMPILERS.search("build-essential")
+    assert not COMPILERS.search(" libnuma1 libgcc-s1 gcc-12-base ccache-free ")
+
+
+def test_dockerfile_pip_uses_buildkit_cache_mounts():
+    stages = _stages(DOCKERFILE.read_text())
+    pip_runs = [(name, line) for name, lines in stages.items() for line in lines
+                if line.startswith("RUN ") and re.search(r"\bpip install\b", line)]
+    assert len(pip_runs) >= 4
+    for name, line in pip_runs:
+        assert re.match(r"RUN --mount=type=cache,target=/root/\.cache/pip\b", line), f"{name}: {line[:80]}"
+    assert "PIP_NO_CACHE_DIR" not in DOCKERFILE.read_text(), "PIP_NO_CACHE_DIR defeats the cache mount"
+
+
+def test_dockerfile_base_images_pinned_or_placeholder():
+    """Each FROM image is pinned by digest, or the file says plainly that it is not and how to
+    get the digest (no invented digests)."""
+    text = DOCKERFILE.read_text()
+    args = _global_args(text)
+    unpinned = [name for name in ("PYTHON_IMAGE", "VLLM_IMAGE")
+                if not re.search(r"@sha256:[0-9a-f]{64}$", args[name])]
+    if unpinned:
+        assert "DIGEST-PIN:" in text and "imagetools inspect" in text, \
+            f"{unpinned} have no digest and the Dockerfile does not say how to pin them"
+        for name in unpinned:
+            image = args[name]
+            assert re.match(r"[\w./-]+:[\w.-]+$", image), f"{name}={image!r}: pin at least a tag"
+            assert f"imagetools inspect {image}" in text, f"no digest command for {image}"
+    for name, lines in _stages(text).items():
+        base = lines[0].split()[1]
+        assert base.startswith("${") or base in _stages(text), f"{name}: FROM {base}: use the pinned ARGs"
 
 
 def test_dockerfile_requirements_script():
@@ -563,3 +767,174 @@ def test_vllm_metric_names_exist():
     for metric in sorted(m for m in _used_metrics() if m.startswith("vllm:")):
         assert metric in exported or _base_name(metric) in exported, f"{metric} is not a vLLM metric"
 
+
+
+# -- the read-only root, for real: vsteer serve under the Deployment's securityContext -------------
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.skipif(os.environ.get("READONLY_CHECK") != "1",
+                    reason="two engine starts (~3 min): `make readonly-check` runs it (READONLY_CHECK=1)")
+def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path, mode):
+    """`vsteer serve` as the manifest's uid, no capabilities, no_new_privs, with the root
+    filesystem read-only and only the base Deployment's writable mounts writable (each a
+    fresh directory, like an emptyDir), its env and its args (bubblewrap builds that root;
+    root privileges are needed to build it and are dropped before vsteer starts). Steered
+    requests (leases in the registry) and an admin upload (staged in TMPDIR) work, nothing
+    hits EROFS, and what was written is printed. `compiled` runs torch.compile (its caches:
+    VLLM_CACHE_ROOT, TORCHINDUCTOR_CACHE_DIR; needs a C++ compiler on this machine, as GPU
+    images have). `make readonly-check` runs both."""
+    import base64
+    import signal
+    import time
+
+    import httpx
+    import torch
+
+    from served import ADMIN_KEY, free_port
+    from vsteer.engine import SteeringVectorSet, VectorRegistry, save_vector_set
+
+    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
+    if not (bwrap and setpriv) or os.geteuid() != 0:
+        pytest.skip("needs bubblewrap and setpriv, run as root to build the sandbox (apt-get install bubblewrap)")
+    if mode == "compiled" and not shutil.which("g++"):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+
+    deployment = _base_deployment()
+    pod_sc = deployment["spec"]["template"]["spec"]["securityContext"]
+    uid, gid = int(pod_sc["runAsUser"]), int(pod_sc["runAsGroup"])
+    c = _container(deployment)
+    writable = writable_mounts(deployment)
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+    def owned_dir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, uid, gid, follow_symlinks=False)
+        return path
+
+    volumes = {mount: owned_dir(tmp_path / "volumes" / mount.strip("/").replace("/", "_")) for mount in writable}
+    hidden, layers = 128, 4
+    gen = torch.Generator().manual_seed(3)
+    lively = SteeringVectorSet("lively", {1: torch.randn(hidden, generator=gen)}, model_id="tiny", num_layers=layers)
+    VectorRegistry(volumes["/vectors"]).add("lively", lively)
+    owned_dir(volumes["/vectors"])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    for p in [model, *model.rglob("*")]:  # world-readable, like files on a model volume
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    upload = save_vector_set(SteeringVectorSet("calm", {2: torch.randn(hidden, generator=gen)}, num_layers=layers),
+                             tmp_path / "upload")
+
+    # the sandbox: an empty root with the host's system directories read-only, the manifest's
+    # mounts, then the root itself remounted read-only
+    args = [bwrap, "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys"]
+    for entry in sorted(os.listdir("/")):
+        path = Path("/") / entry
+        if entry in ("proc", "dev", "sys", "tmp", "root", "home", "run", "mnt", "media", "lost+found"):
+            continue
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    prefix = Path(sys.base_prefix).resolve()
+    if _under(str(prefix), ["/root"]):  # the interpreter lives in root's home: show only it
+        for parent in reversed([a for a in prefix.parents if _under(str(a), ["/root"])]):
+            args += ["--perms", "0755", "--dir", str(parent)]  # traversable by the unprivileged user
+        args += ["--ro-bind", str(prefix), str(prefix)]
+    made = {"/", "/dev", "/proc", "/sys", *(a for a in args if a.startswith("/"))}
+    for dest, source, bind in [*((m, src, "--bind") for m, src in volumes.items()),
+                               ("/models/model", model, "--ro-bind")]:
+        for parent in reversed(Path(dest).parents):  # mount points' parents: traversable, like an image's
+            if str(parent) not in made:
+                args += ["--perms", "0755", "--dir", str(parent)]
+                made.add(str(parent))
+        args += [bind, str(source), dest]
+    args += ["--remount-ro", "/"]
+
+    port = free_port()
+    serve_args = [a for a in c["args"] if not a.startswith("--port")]
+    command = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+               "--bounding-set=-all", "--no-new-privs", "--",
+               sys.executable, "-m", "vsteer.cli.main", "serve", *serve_args, "--host", "127.0.0.1",
+               "--port", str(port), *(["--enforce-eager"] if mode == "eager" else []),
+               "--gpu-memory-utilization", "0.3", "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "4"]
+    sandbox_env = {**env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "VSTEER_ADMIN_KEY": ADMIN_KEY,
+                   "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "LANG": "C.UTF-8"}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args + command, stdout=out, stderr=subprocess.STDOUT, env=sandbox_env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def written() -> str:
+        return "\n".join(f"{mount}: {sorted(str(p.relative_to(src)) for p in src.rglob('*'))[:40]}"
+                         for mount, src in volumes.items())
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, f"the server exited under a read-only root:\n{log.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not healthy in 600 s:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+
+        body = {"model": "/models/model", "prompt": "Hello", "max_tokens": 4, "temperature": 0.0,
+                "steering": {"vectors": [{"name": "lively", "strength": 4.0}]}}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.headers.get("x-vsteer-fingerprint"), r.text
+        r = httpx.post(f"{url}/v1/steering/vectors", timeout=60, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"name": "calm", "metadata": json.loads((upload / "vsteer.json").read_text()),
+                             "safetensors": base64.b64encode((upload / "vectors.safetensors").read_bytes()).decode()})
+        assert r.status_code == 201, r.text
+        body["steering"] = {"vectors": [{"name": "calm", "strength": 2.0}]}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
+
+        text = log.read_text(errors="replace")
+        assert "Read-only file system" not in text and "Permission denied" not in text, text[-4000:]
+        assert (volumes["/vectors"] / ".leases").is_dir(), written()
+        assert not list(volumes["/tmp"].glob("vsteer-upload-*")), "upload staging left behind:\n" + written()
+        if mode == "compiled":
+            assert list((volumes["/home/vsteer"] / ".cache" / "vllm").rglob("torch_compile_cache")), written()
+        print(f"written under the read-only root ({mode}):\n" + written())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own session only
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+# -- docs a platform team reads on day one ----------------------------------------------------------
+
+def test_readme_first_screen():
+    """CI's two commands first; then what vsteer is, `vsteer serve` and one openai-client call
+    with steering, all within the first screen (50 lines)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    commands = [i for i, line in enumerate(lines) if line.startswith("make ")]
+    assert [lines[i].split()[1] for i in commands[:2]] == ["demo", "test"] and commands[1] < 8
+    first = "\n".join(lines[:50])
+    for needed in ("vsteer serve ", "from openai import OpenAI", 'extra_body={"steering": '):
+        assert needed in first, f"README's first screen lacks {needed!r}"
+    assert not re.search(r"\bthe seed\b", (ROOT / "README.md").read_text(), re.I), \
+        "README: 'the seed' (the project vsteer started from) is undefined jargon for a reader"
+
+
+def test_supported_vllm_range_is_written_once():
+    """docs/vllm.md states the supported range; the other docs link there instead of repeating
+    it (pyproject.toml holds the pin itself)."""
+    version_range = re.compile(r">=\s*0\.\d+\s*,\s*<\s*0\.\d+")
+    assert version_range.search((ROOT / "docs" / "vllm.md").read_text())
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(DEPLOY.rglob("*.md"))]
+    repeated = [str(p.relative_to(ROOT)) for p in docs if p.name != "vllm.md" and version_range.search(p.read_text())]
+    assert not repeated, f"the supported vLLM range is repeated in {repeated}: link docs/vllm.md#support"
+    assert "docs/vllm.md#support" in (ROOT / "README.md").read_text()
+    assert re.search(r"^## Support$", (ROOT / "docs" / "vllm.md").read_text(), re.M), "the #support anchor"
