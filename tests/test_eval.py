@@ -181,7 +181,7 @@ def test_concept_scorer_counts_answers_that_mention_the_concept():
     for name in ("ocean", "cooking", "space"):
         keys = set(get_behaviour(name).keywords)
         prompts = load_prompts(get_behaviour(name).prompts_file)
-        assert len(prompts) == 48
+        assert len(prompts) == 96
         # the held-out prompts do not ask for any concept
         assert not any(w in keys for p in prompts for w in words(p)), name
 
