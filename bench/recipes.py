@@ -51,7 +51,8 @@ HELD_DIR = ROOT / "eval" / "data" / "heldout"
 DEV = ("ocean", "cooking", "space")
 METHODS = ("caa", "bipo")
 LAYERS = "3-10"
-GRID = dict(bands=[(6, 7, 8, 9), tuple(range(3, 11))], positions=("all",), strengths=(0.1, 0.2, 0.3, 0.45))
+GRID = dict(bands=[(6, 7, 8, 9), tuple(range(3, 11))], positions=("all",), strengths=(0.1, 0.15, 0.2, 0.3))
+DEV_BIPO = ("ocean",)  # bipo's development run in generations (CPU time); its settings came from likelihoods
 OTHER_POSITIONS = ("last", "first")   # the CLI default (auto) is "mean" for these whole-sentence pairs
 TINY = ("0-3", [(1, 2), (0, 1, 2, 3)])  # the tiny test model has 4 layers (smoke runs)
 
@@ -169,7 +170,8 @@ def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: 
 def units(stage: str, only: list[str] | None) -> list[tuple]:
     out: list[tuple] = []
     if stage in ("dev", "all"):
-        out += [("dev", c, m) for c in DEV if not only or c in only for m in METHODS]
+        out += [("dev", c, "caa") for c in DEV if not only or c in only]
+        out += [("dev", c, "bipo") for c in DEV_BIPO if not only or c in only]
     if stage in ("heldout", "all"):
         for c in heldout_names():
             if not only or c in only:
@@ -224,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true", help="only print the markdown section from the JSON")
     p.add_argument("--write-results", action="store_true", help="with --render: put it into bench/RESULTS.md")
     args = p.parse_args(argv)
-    global WORK, UNITS, LAYERS
+    global WORK, UNITS, LAYERS, RESULT
     if args.model == "tiny-llama":
         LAYERS, GRID["bands"] = TINY
     if args.work:
         WORK = Path(args.work)
-        UNITS = WORK / "units"
+        UNITS, RESULT = WORK / "units", WORK / f"{NAME}.json"
     res = collect(args) if args.render else run_study(args)
     text = render(res)
     print(text)
