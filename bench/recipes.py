@@ -9,10 +9,10 @@ tuning) scored once. Every vector is made the way a user makes it: `vsteer extra
 the pairs, the weak-vector check), for each method (`caa`, and `bipo`, the trained
 direction).
 
-* ``dev``: per development concept and method, every candidate of the grid and every
-  prompting template on *every* development prompt; then the choice rules of `vsteer
-  tune` (``eval/choice.py``) are replayed on many random select/score splits: which rule's
-  choice holds on the other half.
+* ``dev``: per development concept (caa; bipo on ocean), every candidate of the grid and
+  every prompting template on 64 development prompts (halves of 32, as the held-out
+  prompts split); then the choice rules of `vsteer tune` (``eval/choice.py``) are
+  replayed on many random select/score splits: which rule's choice holds on the other half.
 * ``heldout``: per held-out concept, `vsteer tune` (select half: recipe and system message;
   score half: unsteered, prompting, steering, steering + prompting, 5 same-norm random
   directions) for each method; and, for the default-position target, the same search for
@@ -118,7 +118,7 @@ def dev_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
     if not pairs.is_file():
         ContrastPairDataset.from_bundled(concept).save(pairs)
     ex = extract(args, concept, str(pairs), method)
-    vs, beh, probes, prompts = _setup(ex["path"], concept, None, None, None, None, None)
+    vs, beh, probes, prompts = _setup(ex["path"], concept, None, None, None, args.dev_prompts, None)
     grid = variants(GRID["bands"], units=("relative",), positions=GRID["positions"])
     conds = [Condition("baseline", "baseline")] + [Condition(f"{v.label()}:{s:g}", "sweep", v.at(s))
                                                    for v in grid for s in GRID["strengths"]]
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=1.2, help="perplexity budget of the search (select half)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--random-baselines", type=int, default=5)
+    p.add_argument("--dev-prompts", type=int, default=64,
+                   help="development prompts per concept (64: halves of 32, as the held-out prompts split)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--batch-size", type=int, default=32, help="HF backend batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
