@@ -143,6 +143,50 @@ def dev_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
                         "rows": rows, "seconds": time.perf_counter() - started})
 
 
+def devz_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
+    """Random directions for the development list: the recipe ``lcb`` picks on all
+    development prompts, against ``--random-baselines`` same-norm random directions."""
+    from vsteer.engine.formats import load_vector_set
+    from vsteer.engine.models import load_hf
+    from vsteer.eval import analysis
+    from vsteer.eval.choice import choose
+    from vsteer.eval.execute import Session
+    from vsteer.eval.plan import Condition, random_sets
+    from vsteer.eval.recipes import Recipe
+    from vsteer.eval.sweep import _setup
+
+    path = _unit("devz", concept, method)
+    if (got := _done(path)) is not None:
+        return got
+    dev = dev_unit(args, concept, method)
+    rows = dev["rows"]
+    base = next(r for r in rows if r["kind"] == "baseline")
+    p0 = R._ppl(base, list(range(len(base["items"]))))
+    cands = [{"row": r, "items": r["items"], "behaviour": r["behaviour"], "recipe": r["recipe"],
+              "ppl_ratio": R._ppl(r, list(range(len(r["items"])))) / p0} for r in rows if r["kind"] == "sweep"]
+    picked = choose(cands, base["items"], rule="lcb", max_ppl_ratio=args.budget)
+    if picked is None:
+        return _save(path, {"concept": concept, "method": method, "recipe": None})
+    rc = picked["recipe"]
+    recipe = Recipe(tuple(rc["layers"]), rc["strength"], rc["op"], rc["unit"], rc["norm"], rc["positions"])
+    vs = load_vector_set(dev["extract"]["path"])
+    _, beh, probes, prompts = _setup(vs, concept, None, None, None, args.dev_prompts, None)
+    randoms = random_sets(vs, list(recipe.layers), args.random_baselines, 0)
+    conds = [Condition("baseline", "baseline"), Condition("steering", "sweep", recipe)] + \
+        [Condition(f"R{i}", "random", recipe, random_index=i) for i in range(args.random_baselines)]
+    with Session(C.resolve_model(args.model), vs.select(list(recipe.layers)), randoms, beh, prompts=prompts,
+                 probes=probes, max_new_tokens=args.max_new_tokens, backend=args.backend, batch_size=args.batch_size,
+                 hf_model=load_hf(C.resolve_model(args.model)) if args.backend == "hf" else None,
+                 progress=False) as session:
+        session.run(conds, desc=f"devz {concept} {method}")
+    for c in conds:
+        analysis.score(c, beh, args.max_new_tokens)
+    z = analysis.random_comparison(conds, conds[0], conds[1])
+    return _save(path, {"concept": concept, "method": method, "recipe": recipe.to_dict(),
+                        "behaviour": conds[1].result["behaviour"], "ppl_ratio": picked["ppl_ratio"],
+                        "unsteered": conds[0].result["behaviour"], "random": z})
+
+
 # -- held out: vsteer tune per method, and the other token positions ------------------------
 def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: str = "auto") -> dict:
     from vsteer.eval.tune import format_tune, tune
@@ -172,6 +216,8 @@ def units(stage: str, only: list[str] | None) -> list[tuple]:
     if stage in ("dev", "all"):
         out += [("dev", c, "caa") for c in DEV if not only or c in only]
         out += [("dev", c, "bipo") for c in DEV_BIPO if not only or c in only]
+        out += [("devz", c, "caa") for c in DEV if not only or c in only]
+        out += [("devz", c, "bipo") for c in DEV_BIPO if not only or c in only]
     if stage in ("heldout", "all"):
         for c in heldout_names():
             if not only or c in only:
@@ -192,7 +238,7 @@ def run_study(args: argparse.Namespace) -> dict:
             break
         kind, *rest = unit
         C.log(f"{kind} {' '.join(rest)}")
-        (dev_unit if kind == "dev" else heldout_unit)(args, *rest)
+        {"dev": dev_unit, "devz": devz_unit, "heldout": heldout_unit}[kind](args, *rest)
     res = collect(args)
     C.write_result(NAME, res, str(RESULT))
     return res
@@ -201,6 +247,9 @@ def run_study(args: argparse.Namespace) -> dict:
 def collect(args: argparse.Namespace) -> dict:
     """Everything finished so far, analysed (``recipes_report``)."""
     dev = {f"{u['concept']}-{u['method']}": u for u in map(_done, sorted(UNITS.glob("dev-*.json")))}
+    for u in map(_done, sorted(UNITS.glob("devz-*.json"))):
+        if f"{u['concept']}-{u['method']}" in dev:
+            dev[f"{u['concept']}-{u['method']}"]["random"] = u
     held = {f"{u['concept']}-{u['method']}-{u['position']}": u for u in map(_done, sorted(UNITS.glob("heldout-*.json")))}
     return {"params": {"model": args.model, "max_new_tokens": args.max_new_tokens, "budget": args.budget,
                        "random_baselines": args.random_baselines, "layers": LAYERS, "backend": args.backend,

@@ -77,7 +77,8 @@ def analyse_dev(units: dict[str, dict], budget: float) -> dict[str, Any]:
         out[key] = {"concept": u["concept"], "method": u["method"], "n_prompts": n, "table": table,
                     "extract": {k: u["extract"][k] for k in ("argv", "token_position", "check", "training")},
                     "steering_rules": replay(steer, base, n, budget),
-                    "prompting_rules": replay(prompts, base, n, None) if prompts else None}
+                    "prompting_rules": replay(prompts, base, n, None) if prompts else None,
+                    "random": u.get("random")}
     return out
 
 
@@ -268,6 +269,18 @@ def _render_dev(dev: dict, p: dict) -> list[str]:
                 rows.append([d["concept"], d["method"] if what == "steering" else "prompting"] +
                             [f"{f(r['select'])} -> {f(r['score'])} ({f(r['drop'])})" for r in rules.values()])
     L += [_table(["concept", "what", *RULES], rows), ""]
+    zrows = []
+    for key, d in dev.items():
+        z = d.get("random")
+        if z and z.get("recipe"):
+            rz = z["random"] or {}
+            zrows.append([d["concept"], d["method"], _recipe(z["recipe"]), f(z["unsteered"]),
+                          f"{f(z['behaviour'])} (x{f(z['ppl_ratio'])})", f(rz.get("z"), 1),
+                          f"{f(rz.get('random_mean'))} ± {f(rz.get('random_std'))}"])
+    if zrows:
+        L += ["The recipe `lcb` picks on all development prompts, against same-norm random directions (same "
+              "prompts; chosen and measured on the same prompts, so optimistic):", "",
+              _table(["concept", "method", "recipe", "unsteered", "steering", "z vs random", "random effect"], zrows), ""]
     L += ["Every candidate on all development prompts (rate, perplexity ratio):", ""]
     for key, d in dev.items():
         cells = [f"{r['key']} {f(r['behaviour'])} (x{f(r['ppl_ratio'])})" for r in d["table"] if not r["system"]]
