@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup tools demo test test-fast bench eval clean compat
+.PHONY: setup tools demo test test-fast bench eval clean compat compat-static
 
 setup: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: setup
 # `make compat VERSIONS=0.31.0`. Results: docs/vllm.md "Tested versions".
 compat:
 	bash scripts/compat.sh $(VERSIONS)
+
+# Static check of vsteer's hook points against the GPU wheels of vLLM (default 0.30-0.34):
+# each wheel --no-deps in its own venv over the CPU venv's packages, no GPU, no engine.
+# `make compat-static VERSIONS="0.33.0 0.34.0"`. Results: .compat-static/<version>/report.json,
+# one verdict line per version; docs/vllm.md "Static check of GPU releases".
+compat-static: setup
+	bash scripts/compat_static.sh $(VERSIONS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,12 +16,13 @@ processes as ``VSTEER_*`` environment variables.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-USAGE = ("vsteer serve MODEL [--vectors DIR] [--default-steering FILE] [--steering-import-dir DIR] "
-         "[--config FILE.yaml] [vllm serve flags...]")
+USAGE = ("vsteer serve MODEL [--vectors DIR] [--default-steering FILE] [--steered-model NAME=SPEC ...] "
+         "[--steering-import-dir DIR] [--config FILE.yaml] [vllm serve flags...]")
 GROUP = "vsteer"
 
 
@@ -38,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steering-import-dir", metavar="DIR", action="append", default=None,
                    help="extra directory POST /v1/steering/vectors may load vector sets from by path "
                         "(repeatable; the --vectors directory is always allowed) (env VSTEER_IMPORT_DIRS)")
+    g.add_argument("--steered-model", metavar="NAME=SPEC", nargs="+", action="extend", default=None,
+                   help="a model name that means this model with this steering (repeatable; listed in /v1/models): "
+                        "NAME=SET[:STRENGTH][+SET[:STRENGTH]...][;layers=8,10;positions=generated;unit=relative;"
+                        "op=add;norm=preserve], or NAME= followed by the JSON object extra_body.steering takes "
+                        "(env VSTEER_STEERED_MODELS, one per line; docs/server.md)")
     g.add_argument("--steering-admin-key", metavar="KEY", help=argparse.SUPPRESS)  # refused: env only
 
 
@@ -62,10 +68,20 @@ def _has_flag(argv: list[str], *names: str) -> bool:
     return any(a in names or any(a.startswith(n + "=") for n in names) for a in argv)
 
 
-def _export_settings(vectors: str | None, default_steering: str | None, import_dirs: list[str] | None) -> str | None:
+def _export_settings(vectors: str | None, default_steering: str | None, import_dirs: list[str] | None,
+                     steered_models: list[str] | None = None) -> str | None:
     """Turn vsteer's flags into ``VSTEER_*`` variables, which every process vLLM starts
     (API servers, engine cores, workers) inherits; returns an error or None."""
     from vsteer.engine.settings import Settings
+    from vsteer.serving.http.aliases import parse_flag_aliases
+
+    if steered_models:
+        try:  # the syntax now; whether they resolve on the model, when the app is built
+            parsed = parse_flag_aliases(steered_models)
+        except ValueError as e:
+            return f"--steered-model: {e}"
+        os.environ[Settings.env_name("steered_models")] = "\n".join(  # one line each, whatever the input
+            f"{m.name}={json.dumps(m.spec, separators=(',', ':'))}" for m in parsed.values())
 
     if vectors:
         vdir = Path(vectors).expanduser().resolve()
@@ -126,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # Import the launcher first, so the plugin (loaded while vLLM builds its parser) finds
     # the build_app it wraps; register explicitly too in case plugin loading is filtered.
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.api_server import entry  # noqa: F401  (see above)
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     from vsteer.engine.models import KNOWN_MODELS, resolve_model
-    from vsteer.serving.compat import configure_vllm_logging
+    from vsteer.serving.compat import UnsupportedVLLMError, configure_vllm_logging, serve_function
     from vsteer.serving.plugin import ensure_api_server_patches, register
+
+    try:  # where each lives depends on the vLLM version (serving/compat.py, serve_names)
+        ServeSubcommand = serve_function("ServeSubcommand")
+        serve_function("run_server")  # imports the launcher (see above)
+        make_arg_parser, validate_parsed_serve_args = (serve_function("make_arg_parser"),
+                                                       serve_function("validate_parsed_serve_args"))
+        cli_env_setup, FlexibleArgumentParser = serve_function("cli_env_setup"), serve_function("FlexibleArgumentParser")
+    except UnsupportedVLLMError as e:
+        return _fail(str(e))
 
     register()
     ensure_api_server_patches()
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     if model in KNOWN_MODELS and not getattr(args, "served_model_name", None):
         args.served_model_name = [model]
-    error = _export_settings(args.vectors, args.default_steering, args.steering_import_dir)
+    error = _export_settings(args.vectors, args.default_steering, args.steering_import_dir, args.steered_model)
     if error:
         return _fail(error)
 

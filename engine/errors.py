@@ -70,6 +70,10 @@ REJECTION_REASONS: dict[str, str] = {
     "non_finite_result": "strength x vector overflows in the model's dtype",
     # the server
     "unsupported_with_beam_search": "steering on a beam-search request (vLLM's beam search drops it)",
+    "unsupported_route": "steering on a route vsteer does not steer (tokenize, /inference/v1/generate, ...)",
+    "too_many_new_configs": "HTTP 429: more steering specs new to the server than the client's budget "
+                            "(VSTEER_NEW_CONFIGS_PER_S, VSTEER_NEW_CONFIGS_BURST)",
+    "registry_busy": "HTTP 503: the vector registry could not be read in time (a writer holds its lock); retry",
     "invalid": "anything else that makes the steering field unusable",
 }
 """Every reason a request's steering can be refused for: the ``reason`` of ``SteeringError``,

@@ -135,6 +135,19 @@ class VectorRegistry:
         self._listing = (mtime, now, out)
         return list(out)
 
+    def live_version(self, name: str) -> str | None:
+        """The content hash ``name`` points at, read from its symlink alone (no lock, no
+        file read: a cache can check it per request). None for anything else (absent, a
+        hand-made directory): callers then take the full path."""
+        try:
+            target = os.readlink(self.root / name)
+        except OSError:
+            return None
+        parts = target.split(os.sep)
+        if len(parts) != 3 or parts[0] != VERSIONS_DIR or parts[1] != name or not _SHA_RE.fullmatch(parts[2]):
+            return None
+        return parts[2]
+
     def __contains__(self, name: str) -> bool:
         try:
             return (self.path_for(name) / METADATA_FILE).is_file()

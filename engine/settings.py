@@ -47,6 +47,13 @@ class Settings(BaseModel):
                                              "--engine vllm sets it for the engine it starts)")
     max_projections: int = Field(2, ge=0, le=64, description="projection directions (ablate/clamp) per layer "
                                                              "and config row in the vLLM tables")
+    max_configs: int | None = Field(None, ge=1, description="config rows in each worker's steering tables: "
+                                                            "distinct steering configs running at once (default: "
+                                                            "max_num_seqs); the scheduler holds back requests "
+                                                            "that would need more")
+    max_new_configs_per_step: int = Field(64, ge=1, description="steering configs new to the running batch "
+                                                                 "that one scheduler step admits; later requests "
+                                                                 "wait a step (vsteer_deferred_requests_total)")
     # -- request limits -----------------------------------------------------------------
     max_vectors: int = Field(16, ge=1, description="vectors per request")
     max_strength: float = Field(1000.0, gt=0, description="largest absolute strength")
@@ -59,9 +66,15 @@ class Settings(BaseModel):
                                                     "characters; environment only, never a flag)")
     default_steering: str | None = Field(None, description="steering for requests that do not mention it: a "
                                                            "JSON file or inline JSON")
+    steered_models: str | None = Field(None, description="steered models, one NAME=SPEC per line (vsteer serve "
+                                                         "--steered-model; docs/server.md)")
     import_dirs: str | None = Field(None, description="extra directories the admin route may load sets from "
                                                       "by path (os.pathsep-separated)")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="largest admin request body")
+    new_configs_per_s: float = Field(20.0, ge=0, description="per client (API key, else address): steering "
+                                                             "specs new to the server per second before 429 "
+                                                             "too_many_new_configs (0: no limit)")
+    new_configs_burst: int = Field(40, ge=1, description="per client: new steering specs allowed in a burst")
     metrics_refresh_s: float = Field(30.0, ge=0, description="background pull of worker counters (0: only "
                                                              "when /metrics is scraped)")
     lease_grace_s: float = Field(120.0, gt=0, description="how long a replaced vector version stays on disk "
@@ -77,6 +90,10 @@ class Settings(BaseModel):
             return {int(x) for x in text.split(",") if x.strip()}
         except ValueError:
             raise SettingsError(f"VSTEER_LAYERS={self.layers!r}: use a comma list of layer numbers") from None
+
+    def table_rows(self, max_num_seqs: int) -> int:
+        """Config rows the worker tables hold (never more than a step can use)."""
+        return min(self.max_configs or max_num_seqs, max_num_seqs)
 
     @property
     def import_dir_list(self) -> list[Path]:

@@ -25,9 +25,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 
+from vsteer.engine.capture_protocol import BEGIN, CAPTURE_KEY, COLLECT, unpack
 from vsteer.engine.settings import Settings
 from vsteer.engine.vectors import SteeringVectorSet
 
@@ -36,9 +36,6 @@ from .hooks import normalize_layers
 from .methods import LayerStats, get_method
 from .pairs import ContrastPair, ContrastPairDataset
 from .positions import check_token_position
-
-CAPTURE_KEY = "vsteer_capture"   # = vsteer.serving.capture.CAPTURE_KEY (extract may not import serving)
-BEGIN, COLLECT = "vsteer_capture_begin", "vsteer_capture_collect"
 
 
 def capture_llm(model: str, *, dtype: str = "auto", revision: str | None = None, tensor_parallel_size: int = 1,
@@ -91,11 +88,6 @@ def _rpc(llm: Any, method: str, *args: Any) -> list[dict[str, Any]]:
     if errors:
         raise RuntimeError(f"vsteer capture: {errors[0]}")
     return results
-
-
-def unpack(packed: dict[str, Any]) -> np.ndarray:
-    """The inverse of ``vsteer.serving.capture.pack``."""
-    return np.frombuffer(packed["float64"], dtype=np.float64).reshape(packed["shape"])
 
 
 def _merge(results: list[dict[str, Any]], layers: list[int]) -> dict[int, dict[str, Any]]:

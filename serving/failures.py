@@ -3,17 +3,17 @@ unsteered success.
 
 The API server validated and pinned the request's vectors; leases keep the pinned
 versions on disk (``vsteer.engine.leases``). Should a version still be missing (files
-deleted by hand, a node without the volume), two checks turn that into vLLM's own
-request-error path (``FinishReason.ERROR``: HTTP 500 for the client, an error event in a
-stream), and only for that request:
+deleted by hand, a node without the volume), vLLM's own request-error path
+(``FinishReason.ERROR``: HTTP 500 for the client, an error event in a stream) ends that
+request, and only that one:
 
-1. ``admission_wrapper`` (``EngineCore.preprocess_add_request``, engine-core process):
-   resolve the pinned spec before the request is scheduled; raising there makes vLLM
-   finish it with ERROR. It also loads the vectors into the process cache, which the
-   in-process worker (TP=1) then uses.
+1. ``SteeringUnavailable`` raised in the engine core's ``preprocess_add_request``
+   (``vsteer.serving.admission``, where the rows are prepared) makes vLLM fail it before
+   it is scheduled;
 2. ``sample_tokens_wrapper`` (worker) + ``update_from_output_wrapper`` (scheduler): a
-   worker that cannot resolve a request marks it on its ``ModelRunnerOutput``; the
-   scheduler finishes it with ERROR and drops the tokens of that step.
+   worker that meets a steered request without prepared rows marks it on its
+   ``ModelRunnerOutput`` (through ``get_output`` for async outputs); the scheduler
+   finishes it with ERROR and drops the tokens of that step.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from vsteer.engine.errors import SteeringError
-
-from .keys import PINS_KEY, STEERING_KEY
+from .runners.base import steering_of
 
 logger = logging.getLogger("vllm.vsteer")
 FAILED_ATTR = "vsteer_failed"
@@ -36,55 +34,47 @@ class SteeringUnavailable(RuntimeError):
     """The request's pinned steering cannot be loaded here."""
 
 
-def admission_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def preprocess_add_request(self, request, *args, **kwargs):
-        sp = getattr(request, "sampling_params", None)
-        extra = (getattr(sp, "extra_args", None) or {}) if sp is not None else {}
-        if extra.get(STEERING_KEY):
-            from .frontend import resolver_for_config
-
-            try:
-                resolver_for_config(self.vllm_config).resolve(
-                    extra[STEERING_KEY], versions=(extra.get(PINS_KEY) or {}).get("versions"))
-            except SteeringError as e:
-                raise SteeringUnavailable(f"vsteer: request {request.request_id}: its steering cannot be "
-                                          f"applied ({e.message}); failing it rather than running unsteered") from None
-        return original(self, request, *args, **kwargs)
-
-    return preprocess_add_request
-
-
-def _with_failed(output: Any, failed: set[str]) -> Any:
-    if output is None or not failed:
-        return output
+def _mark(output: Any, failed: frozenset[str]) -> Any:
     try:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
     except ImportError:  # pragma: no cover
         EMPTY_MODEL_RUNNER_OUTPUT = None
     if output is EMPTY_MODEL_RUNNER_OUTPUT:
         output = copy.copy(output)  # never mark the shared empty output
-    if hasattr(output, "get_output") and not hasattr(output, "req_ids"):  # async output: mark when resolved
-        inner = output.get_output
-
-        def get_output() -> Any:
-            return _with_failed(inner(), failed)
-
-        output.get_output = get_output
-        return output
-    setattr(output, FAILED_ATTR, frozenset(failed) | getattr(output, FAILED_ATTR, frozenset()))
+    setattr(output, FAILED_ATTR, failed | getattr(output, FAILED_ATTR, frozenset()))
     return output
 
 
+def _with_failed(output: Any, failed: set[str]) -> Any:
+    """Mark ``failed`` on a runner output; an async output (whose ``get_output`` the engine
+    core calls later) carries the mark to the output it resolves to (``get_output_wrapper``)."""
+    if output is None or not failed:
+        return output
+    return _mark(output, frozenset(failed))
+
+
+def get_output_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The runners' async outputs: the resolved ``ModelRunnerOutput`` keeps the mark."""
+
+    @functools.wraps(original)
+    def get_output(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        failed = getattr(self, FAILED_ATTR, None)
+        return _mark(output, failed) if failed else output
+
+    return get_output
+
+
 def sample_tokens_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``GPUModelRunner.sample_tokens``: mark this step's failed requests on its output
-    (and count the time in the step, like ``worker.timed_wrapper`` does for execute_model)."""
+    """The runner's ``sample_tokens`` (both generations): mark this step's failed requests
+    on its output (and count the time in the step, like ``worker.timed_wrapper`` does for
+    execute_model)."""
 
     @functools.wraps(original)
     def sample_tokens(self, *args, **kwargs):
         t0 = time.perf_counter()
         output = original(self, *args, **kwargs)
-        state = getattr(self, "_vsteer", None)
+        state = steering_of(self)
         if state is None:
             return output
         state.stats["step_seconds"] += time.perf_counter() - t0

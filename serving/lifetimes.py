@@ -28,6 +28,7 @@ logger = logging.getLogger("vllm.vsteer")
 
 _held: dict[str, tuple[LeaseKeeper, list[tuple[str, str]]]] = {}
 _just_finished: OrderedDict[str, None] = OrderedDict()  # steered ids whose stats vLLM records next
+_failed: OrderedDict[str, None] = OrderedDict()  # steered ids vLLM finished with an error (recent ones)
 _lock = threading.Lock()
 
 
@@ -67,6 +68,13 @@ def release(request_id: str) -> None:
 def _release_pairs(keeper: LeaseKeeper, pairs: list[tuple[str, str]]) -> None:
     for name, sha in pairs:
         keeper.release(name, sha)
+
+
+def steering_failed(request_ids: Any) -> bool:
+    """Whether one of these engine requests was steered and finished with an error (its
+    pinned steering could not be applied: ``vsteer.serving.failures``)."""
+    with _lock:
+        return any(rid in _failed for rid in request_ids)
 
 
 def held_requests() -> int:
@@ -121,6 +129,10 @@ def finished_stats_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
                 steered = _just_finished.pop(req_state.request_id, 0) is None
             if steered and finish_reason == FinishReason.ERROR:
                 metrics.record_failed_request()
+                with _lock:
+                    _failed[req_state.request_id] = None
+                    while len(_failed) > 4096:
+                        _failed.popitem(last=False)
         except Exception:  # never let bookkeeping break vLLM's output path
             logger.debug("vsteer: failed-request accounting skipped", exc_info=True)
         return original(self, req_state, finish_reason, *args, **kwargs)

@@ -29,7 +29,6 @@ from .keys import WORKER_STATS_METHOD
 
 logger = logging.getLogger("vllm.vsteer")
 
-INLINE_LABEL = "inline"
 CONFIG_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 MIN_PULL_INTERVAL_S = 1.0
 M = ("model_name",)
@@ -51,9 +50,16 @@ TABLE_BUILD_SECONDS = Counter("vsteer_table_build_seconds", "Time workers spent 
                               "steering tables", M)
 STEP_SECONDS = Counter("vsteer_step_seconds", "Time workers spent in model steps (execute_model + "
                        "sample_tokens; host time)", M)
-WORKER_RESOLVE_FAILURES = Counter("vsteer_worker_resolve_failures", "Requests a worker could not steer (their "
-                                  "pinned vectors were gone); each is finished with an error, summed over "
-                                  "all ranks", M)
+WORKER_RESOLVE_FAILURES = Counter("vsteer_worker_resolve_failures", "Steered requests a worker could not "
+                                  "steer (they reached it without prepared rows); each is finished with an "
+                                  "error, summed over all ranks", M)
+STEERED_MODEL_REQUESTS = Counter("vsteer_steered_model_requests", "Requests for a steered model (the model "
+                                 "field named an alias: --steered-model or POST /v1/steering/models)",
+                                 [*M, "steered_model"])
+NEW_CONFIGS = Counter("vsteer_new_configs", "Steering configs written into a worker's tables (new to them)", M)
+DEFERRED_REQUESTS = Counter("vsteer_deferred_requests", "Times the scheduler held a waiting steered request "
+                            "back for one step: its config would have exceeded VSTEER_MAX_CONFIGS rows or "
+                            "VSTEER_MAX_NEW_CONFIGS_PER_STEP", M)
 REGISTRY_VECTORS = Gauge("vsteer_registry_vectors", "Vector sets in the registry directory", M,
                          multiprocess_mode="mostrecent")
 REGISTRY_LOADS = Counter("vsteer_registry_loads", "Vector sets added to the registry through "
@@ -78,7 +84,8 @@ def set_model_name(name: str) -> None:
     for reason in REJECTION_REASONS:
         REJECTIONS.labels(name, reason)
     for metric in (FAILED_REQUESTS, STEERED_TOKENS, STEPS, STEERED_STEPS, STEP_CONFIGS, TABLE_BUILD_SECONDS,
-                   STEP_SECONDS, WORKER_RESOLVE_FAILURES, REGISTRY_REMOVALS, STATS_PULL_FAILURES):
+                   STEP_SECONDS, WORKER_RESOLVE_FAILURES, REGISTRY_REMOVALS, STATS_PULL_FAILURES, NEW_CONFIGS,
+                   DEFERRED_REQUESTS):
         metric.labels(name)
 
 
@@ -88,11 +95,12 @@ def record_rejection(reason: str) -> None:
     REJECTIONS.labels(_model_name, reason if reason in REJECTION_REASONS else "invalid").inc()
 
 
-def record_request(resolved: Any) -> None:
-    """A steered request reached the engine (after validation)."""
+def record_request(request: Any) -> None:
+    """A steered request reached the engine (a ``SteeringRequest``)."""
     REQUESTS.labels(_model_name, "true").inc()
-    labels = {INLINE_LABEL if v.get("inline") else v["name"] for v in getattr(resolved, "applied", []) or []}
-    for label in sorted(labels):
+    if request.alias is not None:
+        STEERED_MODEL_REQUESTS.labels(_model_name, request.alias).inc()
+    for label in request.labels:
         VECTOR_REQUESTS.labels(_model_name, label).inc()
 
 
@@ -122,7 +130,8 @@ def update_registry_size(registry: Any) -> None:
 # -- worker counters ------------------------------------------------------------------------------
 
 _FIRST_WORKER = {"steps": STEPS, "steered_steps": STEERED_STEPS, "steered_tokens": STEERED_TOKENS,
-                 "build_seconds": TABLE_BUILD_SECONDS, "step_seconds": STEP_SECONDS}
+                 "build_seconds": TABLE_BUILD_SECONDS, "step_seconds": STEP_SECONDS, "new_configs": NEW_CONFIGS,
+                 "deferred_requests": DEFERRED_REQUESTS}
 """Counted by one worker per engine (every tensor-parallel rank sees the same batch)."""
 _ALL_WORKERS = {"resolve_failures": WORKER_RESOLVE_FAILURES}
 """Counted on every rank (each resolves on its own)."""

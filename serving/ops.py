@@ -20,15 +20,13 @@ The operator math is ``vsteer.engine.operators`` (shared with the HF injectors).
 from __future__ import annotations
 
 import torch
-from torch.library import Library
 
 from vsteer.engine.operators import rescale_to, set_projections
 
+from . import custom_ops
 from .tables import SteeringTables
 
-_LIB = Library("vsteer", "FRAGMENT")  # lives as long as the ops
 _TABLES: SteeringTables | None = None
-_REGISTERED = False
 
 
 def set_tables(tables: SteeringTables | None) -> None:
@@ -125,27 +123,9 @@ def _fake_residual(hidden_states: torch.Tensor, residual: torch.Tensor, layer: i
 
 def register_op() -> None:
     """Idempotent; must run in every process that runs the model, before it is traced."""
-    global _REGISTERED
-    if _REGISTERED or hasattr(torch.ops.vsteer, "steer_"):
-        _REGISTERED = True
-        return
-    try:
-        from vllm.utils.torch_utils import direct_register_custom_op
-    except ImportError:  # plain torch (HF-only installs, unit tests, the GPU check)
-        direct_register_custom_op = None
-    if direct_register_custom_op is not None:
-        direct_register_custom_op("steer_", steer_, mutates_args=["hidden_states"], fake_impl=_fake_stream,
-                                  target_lib=_LIB)
-        direct_register_custom_op("steer_residual_", steer_residual_, mutates_args=["hidden_states", "residual"],
-                                  fake_impl=_fake_residual, target_lib=_LIB)
-    else:
-        _LIB.define("steer_(Tensor(a!) hidden_states, int layer) -> ()")
-        _LIB.impl("steer_", steer_, "CompositeExplicitAutograd")
-        _LIB._register_fake("steer_", _fake_stream)
-        _LIB.define("steer_residual_(Tensor(a!) hidden_states, Tensor(b!) residual, int layer) -> ()")
-        _LIB.impl("steer_residual_", steer_residual_, "CompositeExplicitAutograd")
-        _LIB._register_fake("steer_residual_", _fake_residual)
-    _REGISTERED = True
+    custom_ops.register("steer_", steer_, _fake_stream, tensors=("hidden_states",), mutates=("hidden_states",))
+    custom_ops.register("steer_residual_", steer_residual_, _fake_residual, tensors=("hidden_states", "residual"),
+                        mutates=("hidden_states", "residual"))
 
 
 def hook_output(output: object, layer: int) -> None:

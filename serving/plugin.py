@@ -25,9 +25,8 @@ def register() -> None:
     from .ops import register_op
 
     version = check_vllm_version()
-    # Steering runs in vLLM's V1 model runner; pick it unless the user chose otherwise
-    # (a V2 choice is then refused loudly at model load, never ignored).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # Whichever model runner vLLM builds (V1 or V2) is steered through its adapter, picked
+    # from the runner object at model load (vsteer.serving.runners); vsteer does not choose.
     copy_settings_to_ray_workers()
     register_op()
     vllm_patches.apply()

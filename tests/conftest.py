@@ -84,7 +84,7 @@ def smollm2_server(tmp_path_factory, smollm2_path):
 
     root = tmp_path_factory.mktemp("server")
     seed_registry(root / "vectors")
-    srv = start_server(root)
+    srv = start_server(root, extra_args=["--steered-model", "cheerful=happy:4"])
     try:
         yield srv
     finally:

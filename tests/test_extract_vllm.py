@@ -168,15 +168,17 @@ def test_tensor_parallel_2_equals_hf(tiny_model_path, tiny_hf, monkeypatch):
         assert vs.provenance["vllm"]["tensor_parallel_size"] == 2
 
 
-def test_driver_and_worker_agree_on_names():
-    """extract/ may not import serving/: the two sides spell the wire names separately."""
+def test_driver_and_worker_share_one_protocol():
+    """Both sides read the wire names from vsteer.engine.capture_protocol, and the patch
+    table adds exactly the RPC targets the driver calls."""
+    from vsteer.engine import capture_protocol as protocol
     from vsteer.extract import vllm_engine
     from vsteer.serving import capture, vllm_patches
 
-    assert vllm_engine.CAPTURE_KEY == capture.CAPTURE_KEY
-    targets = {p.target.rsplit(".", 1)[1] for p in vllm_patches._table() if p.add}
-    assert {vllm_engine.BEGIN, vllm_engine.COLLECT} <= targets
-    packed = capture.pack(torch.arange(6, dtype=torch.float64).reshape(2, 3).numpy())
+    assert vllm_engine.CAPTURE_KEY is capture.CAPTURE_KEY is protocol.CAPTURE_KEY
+    targets = {p.target.rsplit(".", 1)[1] for p in vllm_patches.table() if p.add}
+    assert {protocol.BEGIN, protocol.COLLECT} <= targets
+    packed = protocol.pack(torch.arange(6, dtype=torch.float64).reshape(2, 3).numpy())
     assert vllm_engine.unpack(packed).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
@@ -195,7 +197,7 @@ def test_cli_refuses_what_the_vllm_engine_cannot_do_before_starting_it(tmp_path,
 def test_read_weights_follow_the_hf_position_rules():
     import numpy as np
 
-    from vsteer.serving.capture import read_weights
+    from vsteer.engine.capture_protocol import read_weights
 
     pos = np.arange(2, 6)  # a chunk of a 6-token text
     assert read_weights("last", pos, 6).tolist() == [0, 0, 0, 1]

@@ -8,7 +8,13 @@ import torch
 
 from vsteer.engine import SteeringError, SteeringVectorSet, VectorRegistry
 from vsteer.serving import set_vectors_dir
-from vsteer.serving.frontend import SALT_PREFIX, cache_salt, resolver_for, user_salt
+from vsteer.serving.keys import SALT_PREFIX
+from vsteer.serving.resolvers import resolver_for
+from vsteer.serving.steering_request import SteeringRequest, user_salt
+
+
+def cache_salt(client_salt, resolved, prompt_len):
+    return SteeringRequest.of({}, resolved).cache_salt(client_salt, prompt_len)
 
 
 def test_resolver_cache_is_keyed_by_vector_directory(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from vsteer.engine import SteeringResolver, SteeringVectorSet, VectorRegistry
 from vsteer.engine.operators import LayerPlan, apply_plan
 from vsteer.engine.positions import POSITION_CODES
 from vsteer.serving import ops
+from vsteer.serving.prepared import PreparedSteering
 from vsteer.serving.tables import SteeringTables
 
 H = 32
@@ -64,7 +65,8 @@ def _batch(resolver, tables: SteeringTables, names: list[str | None]):
     """One step: request i (``names[i]``, None = unsteered) prefills 3 tokens. Returns the
     per-token plans per layer (None: token untouched) and which tokens are add-only."""
     configs = {n: resolver.resolve(CONFIGS[n]) for n in names if n is not None}
-    by_fp = {r.fingerprint: r for r in configs.values()}
+    by_fp = {r.fingerprint: PreparedSteering.build(r, dtype=tables.dtype, max_projections=tables.max_projections)
+             for r in configs.values()}
     rows = tables.assign_rows(by_fp)
     n = len(names)
     req_rows = np.array([rows[configs[x].fingerprint] if x else 0 for x in names], dtype=np.int64)

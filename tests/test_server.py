@@ -67,10 +67,30 @@ class _RequestPatches:
 
     def set_default_steering(self, spec) -> None:
         from vsteer.serving.http.config import ServerConfig
+        from vsteer.serving.http.resolution import RequestResolver
         from vsteer.serving.http.state import ServerState
 
         config = ServerConfig(default_steering=spec)
-        self.state.set_current(ServerState(config, 8, 4, "m", [], [], self.registry, self.resolver))
+        st = ServerState(config, 8, 4, "m", [], [], self.registry, self.resolver)
+        st.requests = RequestResolver(st)
+        self.state.set_current(st)
+
+    def sampling_params(self, beam: bool = False, **body):
+        """What one HTTP request with this body gets: the middleware's one resolution, then
+        vLLM's ``to_sampling_params`` (patched) on the chat request."""
+        import asyncio
+
+        from vsteer.serving import request_context
+
+        info: dict = {}
+        token = request_context.RESPONSE_INFO.set(info)
+        try:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
+            info[request_context.RESOLVED] = asyncio.run(self.state.current().requests.resolve(body, "test"))
+            request = _chat_request(**{k: v for k, v in body.items() if k not in ("model", "messages")})
+            return request.to_beam_search_params(8, {}) if beam else request.to_sampling_params(8, {})
+        finally:
+            request_context.RESPONSE_INFO.reset(token)
 
 
 @pytest.fixture
@@ -100,33 +120,48 @@ def without_pins(extra: dict | None) -> dict | None:
 
 
 def test_request_field_and_default_semantics(patched_requests):
+    from vsteer.engine.errors import SteeringError
     from vsteer.serving.frontend import InvalidSteering
+    from vsteer.serving.steering_request import SteeringRequest
 
     op = patched_requests
     spec = {"vectors": [{"name": "formal", "strength": 2.0}], "positions": "generated"}
     default = {"vectors": [{"name": "happy", "strength": 1.0}]}
     op.set_default_steering(None)
     # no field, no default: exactly what vLLM builds
-    assert _chat_request().to_sampling_params(8, {}).extra_args is None
-    assert _chat_request(vllm_xargs={"k": 1}).to_sampling_params(8, {}).extra_args == {"k": 1}
-    sp = _chat_request(steering=spec, vllm_xargs={"k": 1, "vsteer": "forged"}
-                       ).to_sampling_params(8, {})
-    pins = sp.extra_args.pop("vsteer")  # the server's own resolution, sealed; the client's value is dropped
-    assert sp.extra_args == {"k": 1, "steering": {"vectors": [{"name": "formal", "strength": 2.0}],
-                                                  "positions": "generated"}}
-    assert set(pins) == {"fingerprint", "versions", "seal"}
+    assert op.sampling_params().extra_args is None
+    assert op.sampling_params(vllm_xargs={"k": 1}).extra_args == {"k": 1}
+    sp = op.sampling_params(steering=spec, vllm_xargs={"k": 1, "vsteer": "forged", "vsteer_rows": "forged"})
+    pins = sp.extra_args.pop("vsteer")  # the server's own resolution, sealed; the client's values are dropped
+    assert sp.extra_args == {"k": 1}
+    sealed = SteeringRequest.unseal(pins)
+    assert sealed is not None and sealed.spec == spec and sealed.source == "request"
     op.set_default_steering(default)
-    assert without_pins(_chat_request().to_sampling_params(8, {}).extra_args) == {
-        "steering": {"vectors": [{"name": "happy", "strength": 1.0}]}}
-    assert _chat_request(steering=spec).to_sampling_params(8, {}).extra_args["steering"]["vectors"][0][
-        "name"] == "formal"
-    assert _chat_request(steering=None).to_sampling_params(8, {}).extra_args is None
-    assert _chat_request(steering={"vectors": []}).to_sampling_params(8, {}).extra_args is None
-    with pytest.raises(InvalidSteering) as e:
-        _chat_request(steering={"vectors": [{"name": "formal", "strength": float("nan")}]}).to_sampling_params(8, {})
-    assert e.value.parameter == "steering.vectors[0].strength" and e.value.reason == "non_finite_strength"
+    assert SteeringRequest.unseal(op.sampling_params().extra_args["vsteer"]).spec == default
+    assert SteeringRequest.unseal(op.sampling_params().extra_args["vsteer"]).source == "default"
+    assert SteeringRequest.unseal(op.sampling_params(steering=spec).extra_args["vsteer"]).spec == spec
+    assert op.sampling_params(steering=None).extra_args is None
+    assert op.sampling_params(steering={"vectors": []}).extra_args is None
+    with pytest.raises(SteeringError) as e:  # the middleware answers it with a 400 and its code
+        op.sampling_params(steering={"vectors": [{"name": "formal", "strength": float("nan")}]})
+    assert e.value.field == "steering.vectors[0].strength" and e.value.reason == "non_finite_strength"
     with pytest.raises(InvalidSteering):
-        _chat_request(steering=spec, use_beam_search=True, n=2).to_beam_search_params(8, {})
+        op.sampling_params(beam=True, steering=spec, use_beam_search=True, n=2)
+
+
+def test_a_repeated_spec_is_resolved_once(patched_requests):
+    """Per request: one resolution in the API process, none for a repeat of the same bytes
+    (until a name it pinned points elsewhere)."""
+    op = patched_requests
+    op.set_default_steering(None)
+    resolver = op.state.current().requests
+    spec = {"vectors": [{"name": "formal", "strength": 2.0}]}
+    for _ in range(5):
+        op.sampling_params(steering=spec)
+    assert resolver.resolutions == 1
+    op.registry.add("formal", SteeringVectorSet("formal", {1: 2 * torch.ones(8)}), overwrite=True)
+    op.sampling_params(steering=spec)
+    assert resolver.resolutions == 2
 
 
 def test_default_steering_file(tmp_path):

@@ -153,21 +153,25 @@ def _vllm_config(hidden: int = H, layers: int = L):
 
 
 def test_the_engine_applies_the_sealed_resolution_even_after_an_overwrite(tmp_path, monkeypatch):
-    from vsteer.serving import frontend
+    from vsteer.engine.spec import SteeringSpec
+    from vsteer.serving.admission import RowPreparer
+    from vsteer.serving.resolvers import resolver_for
+    from vsteer.serving.steering_request import SteeringRequest
 
     monkeypatch.setenv("VSTEER_VECTORS_DIR", str(tmp_path))
     reg = VectorRegistry(tmp_path)
     reg.add("v", SteeringVectorSet("v", {1: torch.ones(H)}))
     spec = {"vectors": [{"name": "v", "strength": 2.0}]}
-    http = frontend.resolver_for(H, L).resolve(spec)  # what the response headers describe
-    pins = frontend.seal(spec, http)
+    http = SteeringRequest.of(SteeringSpec.parse(spec).to_dict(), resolver_for(H, L).resolve(spec))  # the headers
+    sealed = http.seal()
     reg.add("v", SteeringVectorSet("v", {1: 3 * torch.ones(H)}), overwrite=True)
-    engine = frontend.validate(spec, _vllm_config(), pins)
-    assert engine.fingerprint == http.fingerprint and engine.versions == http.versions
-    forged = dict(pins, versions={"v": pins["versions"]["v"]}, seal="0" * 64)
-    fresh = frontend.validate(spec, _vllm_config(), forged)  # not sealed here: resolved afresh
-    assert fresh.fingerprint != http.fingerprint
-    assert frontend.validate(spec, _vllm_config(), "anything a client sends").fingerprint == fresh.fingerprint
+    assert SteeringRequest.unseal(sealed) == http  # process_inputs: sealed here, trusted as is
+    prepared = RowPreparer(_vllm_config().model_config).prepare(SteeringRequest.from_engine(sealed))
+    assert prepared.fingerprint == http.fingerprint and torch.equal(prepared.add[0], 2 * torch.ones(H))
+    # anything not sealed by this process is not trusted: forged MACs, edited bodies, junk
+    assert SteeringRequest.unseal(dict(sealed, seal="0" * 64)) is None
+    assert SteeringRequest.unseal(dict(sealed, fingerprint="f" * 32)) is None
+    assert SteeringRequest.unseal("anything a client sends") is None
 
 
 # 5. default steering cannot be deleted from under the server -------------------------------------------
@@ -278,11 +282,16 @@ def test_beam_search_with_a_default_reports_no_steering(tmp_path):
     from vsteer.serving import request_context, vllm_patches
     from vsteer.serving.http import state
 
+    from vsteer.engine.spec import SteeringSpec
+    from vsteer.serving.steering_request import SteeringRequest
+
     vllm_patches.apply(api_server=False)
     VectorRegistry(tmp_path).add("calm", SteeringVectorSet("calm", {1: torch.ones(H)}))
     saved = state.current()
-    state.set_current(_state(tmp_path, {"vectors": [{"name": "calm"}]}))
-    info: dict = {}
+    st = _state(tmp_path, {"vectors": [{"name": "calm"}]})
+    state.set_current(st)
+    default = SteeringRequest.of(SteeringSpec.parse(st.default_steering).to_dict(), st.default_resolved, "default")
+    info: dict = {request_context.RESOLVED: default}
     token = request_context.RESPONSE_INFO.set(info)
     try:
         req = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "n": 2, "use_beam_search": True})

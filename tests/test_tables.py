@@ -8,15 +8,18 @@ import pytest
 import torch
 
 from vsteer.engine.positions import POSITION_CODES
-from vsteer.engine.resolver import ResolvedSteering, SteeringResolver, encode_inline
+from vsteer.engine.resolver import SteeringResolver, encode_inline
+from vsteer.serving.prepared import PreparedSteering
 from vsteer.serving.tables import SteeringTables, steered_token_mask
 
 
-def _resolved(fp: str, layers: dict[int, float], positions: str = "all") -> ResolvedSteering:
-    """A real resolution of inline vectors: ``value`` at every element of each layer."""
+def _resolved(fp: str, layers: dict[int, float], positions: str = "all") -> PreparedSteering:
+    """A real resolution of inline vectors (``value`` at every element of each layer), as
+    the engine core prepares it for the tables."""
     resolver = SteeringResolver(None, hidden_size=4, num_layers=16)
-    return resolver.resolve({"vectors": [{"name": fp, "data": {layer: encode_inline(torch.full((4,), value))}}
-                                         for layer, value in layers.items()], "positions": positions})
+    resolved = resolver.resolve({"vectors": [{"name": fp, "data": {layer: encode_inline(torch.full((4,), value))}}
+                                             for layer, value in layers.items()], "positions": positions})
+    return PreparedSteering.build(resolved, dtype=torch.float32, max_projections=2)
 
 
 @pytest.mark.parametrize("mode,expected", [

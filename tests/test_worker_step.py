@@ -1,11 +1,10 @@
 """The worker's per-step fast paths give the same rows as the general computation:
-decode steps reuse the last batch plan and per-request decode rows, and a request whose
-front-end fingerprint a live request already uses is not resolved again. No vLLM needed:
-a synthetic runner with the fields the worker reads."""
+decode steps reuse the last batch plan and per-request decode rows; configs arrive
+prepared (a worker resolves nothing) and a steered request without prepared rows fails.
+No vLLM needed: a synthetic V1-style runner with the fields the V1 adapter reads."""
 
 from __future__ import annotations
 
-import gc
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,9 +13,11 @@ import torch
 from torch import nn
 
 from vsteer.engine.positions import RULES
-from vsteer.engine.resolver import encode_inline
+from vsteer.engine.resolver import SteeringResolver, encode_inline
 from vsteer.serving import ops
-from vsteer.serving.keys import PINS_KEY, STEERING_KEY
+from vsteer.serving.keys import PINS_KEY, ROWS_KEY
+from vsteer.serving.prepared import PreparedSteering
+from vsteer.serving.runners import v1
 from vsteer.serving.tables import SteeringTables, steered_token_mask
 from vsteer.serving.worker import WorkerSteering
 
@@ -76,10 +77,14 @@ class Runner:
     def get_model(self):
         return self._model
 
-    def add(self, req_id: str, spec: dict | None, prompt_len: int, computed: int, pin: str | None = None):
-        extra = {STEERING_KEY: spec} if spec else {}
-        if pin:
-            extra[PINS_KEY] = {"fingerprint": pin, "versions": {}}
+    def add(self, req_id: str, spec: dict | None, prompt_len: int, computed: int, rows: bool = True):
+        """A request as the engine core hands it over: its pins and (``rows``) its prepared rows."""
+        extra = {}
+        if spec:
+            prepared = prepare(spec)
+            extra[PINS_KEY] = {"fingerprint": prepared.fingerprint}
+            if rows:
+                extra[ROWS_KEY] = prepared
         self.requests[req_id] = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
         b, i = self.input_batch, self.input_batch.num_reqs
         b.req_ids.append(req_id)
@@ -92,6 +97,11 @@ def spec(strength: float, positions: str = "all", layer: int = 1) -> dict:
                          "data": {layer: encode_inline(torch.ones(HIDDEN))}}], "positions": positions}
 
 
+def prepare(spec: dict) -> PreparedSteering:
+    resolved = SteeringResolver(None, hidden_size=HIDDEN, num_layers=LAYERS).resolve(spec)
+    return PreparedSteering.build(resolved, dtype=torch.float32, max_projections=2)
+
+
 @pytest.fixture
 def worker_and_runner(monkeypatch):
     monkeypatch.delenv("VSTEER_VECTORS_DIR", raising=False)
@@ -102,7 +112,10 @@ def worker_and_runner(monkeypatch):
 
 
 def _step(ws, runner, sched, finished=()):
-    ws.step(runner, SimpleNamespace(finished_req_ids=set(finished)), np.asarray(sched, dtype=np.int32))
+    """One V1 step, as the adapter's ``_prepare_inputs`` wrapper runs it."""
+    sched = np.asarray(sched, dtype=np.int32)
+    runner._vsteer = ws
+    v1.prepare_inputs_wrapper(lambda *a, **k: None)(runner, SimpleNamespace(finished_req_ids=set(finished)), sched)
     b = runner.input_batch
     b.num_computed_tokens_cpu[: b.num_reqs] += np.asarray(sched, dtype=np.int32)
     return ws.tables.rows[: int(np.sum(sched))].tolist()
@@ -140,7 +153,7 @@ def test_plan_rebuilt_when_rows_are_evicted(worker_and_runner):
     _step(ws, runner, [1])
     plan, row = ws._plan, ws.tables.rows[0].item()
     # another caller fills every row (the table holds max_num_reqs configs): "a" is evicted
-    ws.tables.assign_rows({f"x{i}": ws.resolver.resolve(spec(10.0 + i)) for i in range(runner.max_num_reqs)})
+    ws.tables.assign_rows({f"x{i}": prepare(spec(10.0 + i)) for i in range(runner.max_num_reqs)})
     rows = _step(ws, runner, [1])
     assert ws._plan is not plan and rows[0] != 0
     ra = ws.tables.rows[0].item()
@@ -148,23 +161,39 @@ def test_plan_rebuilt_when_rows_are_evicted(worker_and_runner):
     assert row != 0
 
 
-def test_same_fingerprint_is_resolved_once_while_in_use(worker_and_runner, monkeypatch):
+def test_new_configs_of_a_step_are_written_together_and_counted(worker_and_runner):
     ws, runner = worker_and_runner
-    calls = []
-    resolve = ws.resolver.resolve
-    monkeypatch.setattr(ws.resolver, "resolve", lambda *a, **k: calls.append(1) or resolve(*a, **k))
-    runner.add("a", spec(1.0), prompt_len=2, computed=0, pin="fp-1")
-    _step(ws, runner, [2])
-    runner.add("b", spec(1.0), prompt_len=2, computed=0, pin="fp-1")
-    _step(ws, runner, [1, 2])
-    assert len(calls) == 1 and ws._requests["a"][0] is ws._requests["b"][0]
-    # the map holds no memory of its own: once no request (nor the resolver's bounded
-    # cache) uses the resolution, it is gone
-    for r in ("a", "b"):
-        del runner.requests[r]
+    for i, name in enumerate("abc"):
+        runner.add(name, spec(1.0 + i, layer=1 + i % 2), prompt_len=2, computed=0)
+    _step(ws, runner, [2, 2, 2])
+    assert ws.stats["new_configs"] == 3 and ws.tables.last_written == 3
+    rows = ws.tables.rows[:6].tolist()
+    for i in range(3):
+        layer = 1 + i % 2
+        assert torch.equal(ws.tables.tables[layer, rows[2 * i]], torch.full((HIDDEN,), 1.0 + i))
+        other = 2 if layer == 1 else 1
+        assert not ws.tables.tables[other, rows[2 * i]].any()  # nothing stale at the other layer
+    _step(ws, runner, [1, 1, 1])  # decode: nothing new
+    assert ws.stats["new_configs"] == 3
+
+
+def test_a_steered_request_without_rows_fails_and_is_never_steered_blind(worker_and_runner):
+    ws, runner = worker_and_runner
+    runner.add("a", spec(1.0), prompt_len=2, computed=0, rows=False)
+    runner.add("b", spec(2.0), prompt_len=2, computed=0)
+    rows = _step(ws, runner, [2, 2])
+    assert rows[:2] == [0, 0] and rows[2] == rows[3] != 0
+    assert ws.take_failed() == {"a"} and ws.stats["resolve_failures"] == 1
+
+
+def test_finished_and_vanished_requests_are_forgotten(worker_and_runner):
+    ws, runner = worker_and_runner
+    runner.add("a", spec(1.0), prompt_len=2, computed=0)
+    runner.add("b", spec(2.0), prompt_len=2, computed=0)
+    _step(ws, runner, [2, 2])
+    assert set(ws._requests) == {"a", "b"}
+    # "a" finishes on a step that runs; "b" vanishes on a step vLLM never prepared
+    del runner.requests["a"], runner.requests["b"]
     runner.input_batch.req_ids, runner.input_batch.num_reqs = [], 0
-    _step(ws, runner, [], finished=("a", "b"))
-    ws._plan = None
-    ws.resolver._cache.clear()
-    gc.collect()
-    assert "fp-1" not in ws._by_fingerprint and not ws._requests
+    _step(ws, runner, [], finished=("a",))
+    assert not ws._requests

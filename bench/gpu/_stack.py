@@ -14,6 +14,7 @@ from torch import nn
 
 from vsteer.engine.operators import LayerPlan, orthonormalize
 from vsteer.serving import ops
+from vsteer.serving.prepared import PreparedSteering
 
 CONFIG_NAMES = ["add", "add2", "ablate", "clamp", "clamp_neg", "preserve", "two_ablations", "composed",
                 "add3", "clamp2"]
@@ -28,6 +29,12 @@ class Config:
 
     def plans(self) -> dict[int, LayerPlan]:
         return self.by_layer
+
+    def prepared(self, tables) -> PreparedSteering:
+        """What the engine core ships to the workers for this config."""
+        hidden = tables.hidden_size
+        return PreparedSteering.from_plans(self.name, "all", self.by_layer, hidden=hidden, dtype=tables.dtype,
+                                           max_projections=tables.max_projections)
 
 
 def _plan(kind: str, vecs: list[torch.Tensor], scale: float) -> LayerPlan:
@@ -79,7 +86,7 @@ def random_step(tables, configs: dict[str, Config], n: int, g: torch.Generator):
         cuts = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else np.array([], int)
         lengths = np.diff(np.concatenate([[0], cuts, [n]])).astype(np.int64)
         picks = [pool[i % len(pool)] if i % 5 != 4 else None for i in range(k)]  # every 5th request unsteered
-        rows = tables.assign_rows({c: configs[c] for c in dict.fromkeys(p for p in picks if p)})
+        rows = tables.assign_rows({c: configs[c].prepared(tables) for c in dict.fromkeys(p for p in picks if p)})
         req_rows = np.array([rows[p] if p else 0 for p in picks], dtype=np.int64)
         modes = rng.integers(0, 5, size=k).astype(np.int64)
         computed = rng.integers(0, 8, size=k).astype(np.int64)
@@ -239,7 +246,7 @@ def fill_tables(tables, case: str, n: int, g: torch.Generator) -> None:
                                                                         vecs[1] / vecs[1].norm()]),
                              targets=torch.tensor([0.0, scale]), preserve_norm=True)
         configs[f"{case}-{i}"] = Config(f"{case}-{i}", {0: plan})
-    rows = tables.assign_rows(configs)
+    rows = tables.assign_rows({name: config.prepared(tables) for name, config in configs.items()})
     k = min(n, 256)
     lengths = np.full(k, n // k, dtype=np.int64)
     lengths[: n % k] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
 import json
 import logging
@@ -120,19 +121,30 @@ class _WithReplacement:
 
 def check_default_steering(st: ServerState, name: str, replacement: SteeringVectorSet | None) -> None:
     """409 if removing (or replacing with ``replacement``) ``name`` would break the
-    default steering, which every plain request gets."""
-    if st.default_resolved is None or name not in st.default_resolved.versions:
-        return
+    default steering, which every plain request gets, or a steered model (a model name
+    clients request; replicas sharing the directory see the same run-time ones). The
+    caller holds ``st.aliases.lock()``."""
     resolver = SteeringResolver(_WithReplacement(st.registry, name, replacement),  # type: ignore[arg-type]
                                 hidden_size=st.hidden_size, num_layers=st.num_layers,
                                 steerable=st.resolver.steerable, dtype=st.resolver.dtype)
-    try:
-        resolver.resolve(st.default_steering)
-    except (SteeringError, VersionGoneError) as e:
-        what = "removing" if replacement is None else "this replacement of"
-        raise AdminError(409, f"{what} {name!r} would break the server's default steering "
-                              f"({st.config.default_steering_source}): {e}", "used_by_default_steering",
-                         "name") from None
+    what = "removing" if replacement is None else "this replacement of"
+    if st.default_resolved is not None and name in st.default_resolved.versions:
+        try:
+            resolver.resolve(st.default_steering)
+        except (SteeringError, VersionGoneError) as e:
+            raise AdminError(409, f"{what} {name!r} would break the server's default steering "
+                                  f"({st.config.default_steering_source}): {e}", "used_by_default_steering",
+                             "name") from None
+    for model in (st.aliases.using(name) if st.aliases is not None else ()):
+        try:
+            resolver.resolve(model.spec)
+        except (SteeringError, VersionGoneError) as e:
+            raise AdminError(409, f"{what} {name!r} would break the steered model {model.name!r}: {e}",
+                             "used_by_steered_model", "name") from None
+
+
+def _steering_lock(st: ServerState) -> Any:
+    return st.aliases.lock() if st.aliases is not None else contextlib.nullcontext()
 
 
 # -- the operations --------------------------------------------------------------------------------
@@ -181,9 +193,9 @@ def add_vector(body: dict[str, Any], st: ServerState, entry: Any) -> tuple[int, 
     if exists and not overwrite:
         raise AdminError(409, f"a vector set named {name!r} already exists (send \"overwrite\": true to replace "
                               "it)", "name_exists", "name")
-    check_default_steering(st, name, vs)
     try:
-        with st.write_lock:
+        with _steering_lock(st), st.write_lock:
+            check_default_steering(st, name, vs)
             reg.add(name, vs, overwrite=overwrite)
     except FileExistsError as e:  # another replica took the name meanwhile
         raise AdminError(409, str(e), "name_exists", "name") from None
@@ -203,9 +215,9 @@ def remove_vector(name: str, st: ServerState) -> dict[str, Any]:
         raise AdminError(400, str(e), "invalid_name", "name") from None
     if name not in reg:
         raise AdminError(404, str(UnknownVectorError(name, reg.names())), "not_found", "name")
-    check_default_steering(st, name, None)
     try:
-        with st.write_lock:
+        with _steering_lock(st), st.write_lock:
+            check_default_steering(st, name, None)
             reg.remove(name)
     except UnknownVectorError as e:
         raise AdminError(404, str(e), "not_found", "name") from None

@@ -27,10 +27,14 @@ from vsteer.engine.settings import settings
 
 from .. import metrics
 from ..keys import VECTORS_PATH
-from ..frontend import resolver_for
+from .. import request_context
+from ..resolvers import resolver_for_model
 from . import state as state_module
 from .config import ServerConfig, get_config
 from .middleware import SteeringMiddleware
+from .alias_routes import router as alias_router
+from .aliases import AliasTable, parse_flag_aliases
+from .resolution import RequestResolver
 from .state import ServerState
 from .vector_routes import router, vector_entry
 
@@ -77,7 +81,7 @@ def create_state(args: Any, model_config: Any, config: ServerConfig) -> ServerSt
     hidden, layers = int(model_config.get_hidden_size()), int(model_config.get_total_num_hidden_layers())
     api_keys = _api_keys(args)
     root = settings().vectors_dir
-    resolver = resolver_for(hidden, layers)
+    resolver = resolver_for_model(model_config)  # the model's dtype too: overflow checks depend on it
     st = ServerState(config=config, hidden_size=hidden, num_layers=layers,
                      model_name=_served_name(args, model_config),
                      admin_keys=[config.admin_key] if config.admin_key else list(api_keys), api_keys=api_keys,
@@ -88,7 +92,26 @@ def create_state(args: Any, model_config: Any, config: ServerConfig) -> ServerSt
         except SteeringError as e:
             raise RuntimeError(f"vsteer: the default steering ({config.default_steering_source}) does not apply "
                                f"to this model: {e}") from None
+    st.aliases = steered_models(st, resolver)
+    st.requests = RequestResolver(st)
     return st
+
+
+def steered_models(st: ServerState, resolver: Any) -> AliasTable:
+    """The server's steered models; one that does not resolve on this model, or that takes
+    the served model's own name, fails the start (not every request)."""
+    try:
+        flags = parse_flag_aliases((settings().steered_models or "").splitlines())
+    except ValueError as e:
+        raise RuntimeError(f"vsteer: --steered-model: {e}") from None
+    for model in flags.values():
+        if model.name == st.model_name:
+            raise RuntimeError(f"vsteer: steered model {model.name!r} has the served model's own name")
+        try:
+            resolver.resolve(model.spec)
+        except SteeringError as e:
+            raise RuntimeError(f"vsteer: steered model {model.name!r} does not apply to this model: {e}") from None
+    return AliasTable(flags, st.registry.root if st.registry is not None else None)
 
 
 def install(app: FastAPI, args: Any, model_config: Any) -> FastAPI:
@@ -101,10 +124,12 @@ def install(app: FastAPI, args: Any, model_config: Any) -> FastAPI:
     config = get_config()
     st = create_state(args, model_config, config)
     state_module.set_current(st)
+    request_context.mark_serving_http()
     metrics.set_model_name(st.model_name)
     _clean_registry(st.registry)
     app.state.vsteer = st
     app.include_router(router)
+    app.include_router(alias_router)
     _add_outer_middleware(app, SteeringMiddleware, state=st)
     metrics.update_registry_size(st.registry)
     _banner(st, args)
@@ -136,6 +161,8 @@ def _banner(st: ServerState, args: Any) -> None:
         shown = ", ".join(f"{e['name']} (layers {e.get('layers')}"
                           f"{'' if e.get('compatible') else ', NOT for this model'})" for e in entries) or "(none yet)"
         _say(config, f"vectors from {reg.root}: {shown}")
+    for model in st.aliases.all():
+        _say(config, f"steered model {model.name!r} ({model.origin}): {json.dumps(model.spec, separators=(',', ':'))}")
     if st.default_resolved is not None:
         _say(config, f"default steering ({config.default_steering_source}): fingerprint "
                      f"{st.default_resolved.fingerprint} {json.dumps(config.default_steering, separators=(',', ':'))}")

@@ -19,6 +19,8 @@ ADMIN_CODES = {
     "not_found": "no such vector set (or path)",
     "name_exists": "the name is taken (send overwrite: true)",
     "used_by_default_steering": "the set is part of the server's default steering",
+    "used_by_steered_model": "the set is part of a steered model (remove or change the model first)",
+    "defined_by_flag": "a steered model from the command line (--steered-model) cannot be changed at run time",
     "no_registry": "the server runs without a vector directory",
     "unauthorized": "the admin key is missing or wrong",
     "admin_disabled": "the admin routes are off (no VSTEER_ADMIN_KEY)",

@@ -1,11 +1,16 @@
-"""A pure ASGI middleware around vLLM's app: it adds ``x-vsteer-fingerprint`` /
-``x-vsteer-steering`` headers (and a top-level ``"steering"`` field in non-streaming JSON
-bodies) to steered responses, authenticates the admin routes, and pulls the workers'
-steering counters into Prometheus before ``/metrics`` is served."""
+"""A pure ASGI middleware around vLLM's app, the one place an HTTP request's steering is
+decided: it resolves the steering of every generation route once before vLLM sees the
+body (``resolution``), refuses bad steering (400), a client over its new-spec budget
+(429) or a registry that does not answer (503) with a ``code``, refuses a ``steering``
+field on any other route, and adds ``x-vsteer-fingerprint`` / ``x-vsteer-steering``
+headers (and a top-level ``"steering"`` field in non-streaming JSON bodies) to steered
+responses. It also authenticates the admin routes and pulls the workers' steering
+counters into Prometheus before ``/metrics`` is served."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 from typing import Any
@@ -14,28 +19,30 @@ from starlette.datastructures import Headers, MutableHeaders
 
 from vsteer.engine.errors import SteeringError
 
-from .. import metrics
+from .. import lifetimes, metrics
 from ..keys import (
     ADMIN_KEY_HEADER,
     FINGERPRINT_HEADER,
+    MODELS_PATH,
     STEERED_PATHS,
     STEERING_HEADER,
     STEERING_KEY,
     VECTORS_PATH,
 )
-from ..request_context import EARLY, NOT_APPLIED, REJECTION, RESPONSE_INFO, spec_key
+from ..request_context import APPLIED, ENGINE_IDS, NOT_APPLIED, REJECTION, RESOLVED, RESPONSE_INFO
+from . import aliases
+from .resolution import RateLimited, steered_model_of, steering_field
 from .state import ServerState
 
-EARLY_RESOLVE_MAX_BYTES = 64 << 20
-"""Bodies larger than this are not pre-read; their steering is resolved in the handler."""
+MODELS_LIST_PATH = "/v1/models"
 
 
-def _replay(chunks: list[bytes], pending: dict[str, Any] | None, receive: Any, *, more: bool = False) -> Any:
-    """A ``receive`` that first yields what was already read (``more``: the body goes on),
-    then ``pending`` (a message read after the body, e.g. a disconnect), then the real one."""
+def _replay(chunks: list[bytes], pending: dict[str, Any] | None, receive: Any) -> Any:
+    """A ``receive`` that first yields what was already read, then ``pending`` (a message
+    read after the body, e.g. a disconnect), then the real one."""
     queue: list[dict[str, Any]] = []
     if chunks or pending is None:
-        queue.append({"type": "http.request", "body": b"".join(chunks), "more_body": more or pending is not None})
+        queue.append({"type": "http.request", "body": b"".join(chunks), "more_body": pending is not None})
     if pending is not None:
         queue.append(pending)
 
@@ -69,6 +76,49 @@ def _key_matches(token: str | None, keys: list[str]) -> bool:
     return ok
 
 
+STATUS_OF_REASON = {"too_many_new_configs": 429, "registry_busy": 503}
+"""Refusals that are not the request's fault get their own HTTP status (default 400)."""
+
+
+def _client_of(scope: dict[str, Any]) -> str:
+    """Who a request is from, for the new-spec budget: its API key, else its address."""
+    for key in _presented_keys(Headers(scope=scope)):
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "addr:?"
+
+
+def _is_json(scope: dict[str, Any]) -> bool:
+    return Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
+async def _read_body(receive: Any) -> tuple[bytes, dict[str, Any] | None]:
+    """The whole request body, and a message read after it (a disconnect) if any."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: let vLLM see it
+            return b"".join(chunks), message
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), None
+
+
+def _with_length(scope: dict[str, Any], length: int) -> dict[str, Any]:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
+
+
+async def _send_error(send: Any, status: int, message: str, code: str, param: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+    kind = {429: "RateLimitError", 503: "ServiceUnavailableError"}.get(status, "BadRequestError")
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class SteeringMiddleware:
     """Pure ASGI (no extra task): streaming responses pass through untouched but for the
     added headers; non-streaming JSON bodies of steered requests get a ``steering`` field."""
@@ -84,61 +134,71 @@ class SteeringMiddleware:
         if path == "/metrics" or path.startswith("/metrics/"):
             await self._refresh_metrics(scope)
             return await self.app(scope, receive, send)
-        if (path == VECTORS_PATH or path.startswith(VECTORS_PATH + "/")) and method in ("POST", "DELETE"):
-            scope = self._authenticate_admin(scope)
+        if any(path == p or path.startswith(p + "/") for p in (VECTORS_PATH, MODELS_PATH)):
+            if method in ("POST", "DELETE"):
+                scope = self._authenticate_admin(scope)
             return await self.app(scope, receive, send)
         if method == "POST" and path in STEERED_PATHS:
-            self._start_background(scope)
-            info: dict[str, Any] = {}
-            token = RESPONSE_INFO.set(info)
-            try:
-                receive = await self._resolve_early(receive, info)
-                return await self.app(scope, receive, self._wrap_send(send, info))
-            finally:
-                RESPONSE_INFO.reset(token)
+            return await self._steered(scope, receive, send)
+        if method == "GET" and path == MODELS_LIST_PATH and self.state.aliases is not None:
+            return await self.app(scope, receive, self._listing_send(send))
+        if method == "POST" and _is_json(scope):
+            return await self._unsteered_route(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    async def _resolve_early(self, receive: Any, info: dict[str, Any]) -> Any:
-        """Read the body, and when it carries steering (or a default applies), resolve it in
-        a thread: decoding inline vectors and loading sets must not block the event loop.
-        The request handler (``request_fields``) then reuses the result. Returns a
-        ``receive`` that replays the body to vLLM."""
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away: let vLLM see it
-                return _replay(chunks, message, receive)
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if not message.get("more_body", False) or total > EARLY_RESOLVE_MAX_BYTES:
-                break
-        body = b"".join(chunks)
-        more = total > EARLY_RESOLVE_MAX_BYTES
-        if not more and (STEERING_KEY.encode() in body or self.state.default_steering is not None):
-            early = await asyncio.to_thread(self._resolve_body, body)
-            if early is not None:
-                info[EARLY] = early
-        return _replay([body], None, receive, more=more)
+    async def _steered(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Resolve the request's steering once (or refuse it) before vLLM sees the body."""
+        self._start_background(scope)
+        body, pending = await _read_body(receive)
+        info: dict[str, Any] = {}
+        token = RESPONSE_INFO.set(info)
+        try:
+            try:
+                request = self._parse_if_steering(body)
+                steering = await self.state.requests.resolve(request, _client_of(scope)) if request else None
+                info[RESOLVED] = steering
+            except SteeringError as e:
+                metrics.record_rejection(e.reason)
+                return await _send_error(send, STATUS_OF_REASON.get(e.reason, 400), f"invalid steering: {e}",
+                                         e.reason, e.field)
+            except RateLimited as e:
+                metrics.record_rejection("too_many_new_configs")
+                return await _send_error(send, 429, str(e), "too_many_new_configs", STEERING_KEY,
+                                         {"retry-after": str(max(1, round(e.retry_after)))})
+            if steering is not None and steering.alias is not None:  # vLLM serves the model, not the alias
+                body = aliases.served_body(request, self.state.model_name)
+                scope = _with_length(scope, len(body))
+            return await self.app(scope, _replay([body], pending, receive), self._wrap_send(send, info))
+        finally:
+            RESPONSE_INFO.reset(token)
 
-    def _resolve_body(self, body: bytes) -> tuple[str, Any] | None:
-        from .request_fields import requested_steering
-
+    def _parse_if_steering(self, body: bytes) -> dict[str, Any] | None:
+        """The JSON body when it may carry steering (a field, a default, a steered model)."""
+        if STEERING_KEY.encode() not in body and self.state.default_steering is None \
+                and not aliases.may_name_one(body, self.state.aliases):
+            return None
         try:
             request = json.loads(body)
         except (ValueError, RecursionError):
             return None  # vLLM answers malformed bodies itself
-        if not isinstance(request, dict):
-            return None
-        mentioned, spec, _ = requested_steering(request)
-        if not mentioned:
-            return None
-        try:
-            return spec_key(spec), self.state.resolver.resolve(spec)
-        except SteeringError as e:
-            return spec_key(spec), e
-        except (RecursionError, ValueError, TypeError):
-            return None
+        return request if isinstance(request, dict) else None
+
+    async def _unsteered_route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Any other JSON route: a ``steering`` field there would be ignored by vLLM, so it is
+        refused (a generation carrying steering the server did not apply is impossible)."""
+        body, pending = await _read_body(receive)
+        if STEERING_KEY.encode() in body or aliases.may_name_one(body, self.state.aliases):
+            try:
+                request = json.loads(body)
+            except (ValueError, RecursionError):
+                request = None
+            mentioned, spec = steering_field(request) if isinstance(request, dict) else (False, None)
+            if (mentioned and spec is not None) or steered_model_of(request, self.state) is not None:
+                metrics.record_rejection("unsupported_route")
+                path = scope["path"]
+                return await _send_error(send, 400, f"steering (or a steered model) is not applied on {path}: steer "
+                                         f"through {', '.join(STEERED_PATHS)}", "unsupported_route", STEERING_KEY)
+        return await self.app(scope, _replay([body], pending, receive), send)
 
     def _engine_client(self, scope: dict[str, Any]) -> Any:
         app = scope.get("app")
@@ -174,21 +234,28 @@ class SteeringMiddleware:
         ``steering`` field (or the reason ``code`` to a refused request's error)."""
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
+        steering = info.get(RESOLVED)
+        rename = (aliases.renamer(self.state.model_name, steering.alias)
+                  if steering is not None and steering.alias is not None else None)
 
         async def wrapped(message: dict[str, Any]) -> None:
             kind = message["type"]
+            if kind == "http.response.body" and rename is not None:  # the steered model's name, as LoRA's
+                message = {**message, "body": rename(message.get("body", b""))}
             if kind == "http.response.start":
                 status = message.get("status")
                 headers = MutableHeaders(scope=message)
                 is_json = headers.get("content-type", "").startswith("application/json")
-                if status == 200 and (STEERING_KEY in info or NOT_APPLIED in info):
-                    described = info.get(STEERING_KEY)
+                if status == 200 and (APPLIED in info or NOT_APPLIED in info):
+                    described = info.get(APPLIED)
                     if described is not None:
                         headers[FINGERPRINT_HEADER] = described["fingerprint"]
                     headers[STEERING_HEADER] = json.dumps(described, separators=(",", ":"), sort_keys=True)
                     held["edit"] = _add_steering_field
                 elif status == 400:
                     held["edit"] = _openai_error
+                elif status == 500 and lifetimes.steering_failed(info.get(ENGINE_IDS, ())):
+                    held["edit"] = _steering_unavailable
                 if is_json and "edit" in held:
                     held["start"] = message  # edit the body once it is complete
                     return None
@@ -206,6 +273,37 @@ class SteeringMiddleware:
 
         return wrapped
 
+    def _listing_send(self, send: Any) -> Any:
+        """``GET /v1/models``: one more card per steered model."""
+        return _json_edit_send(send, lambda obj: aliases.model_cards(obj, self.state.aliases, self.state.model_name)
+                               is not None)
+
+
+def _json_edit_send(send: Any, edit: Any) -> Any:
+    """A ``send`` that edits a successful JSON response body in place (``edit(obj)``)."""
+    held: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if message.get("status") == 200 and MutableHeaders(scope=message).get("content-type", "").startswith(
+                    "application/json"):
+                held["start"] = message
+                return None
+            return await send(message)
+        if message["type"] == "http.response.body" and "start" in held:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return None
+            body = _edit_json(b"".join(chunks), edit)
+            start = held.pop("start")
+            MutableHeaders(scope=start)["content-length"] = str(len(body))
+            await send(start)
+            return await send({"type": "http.response.body", "body": body, "more_body": False})
+        return await send(message)
+
+    return wrapped
+
 
 def _edit_json(body: bytes, edit: Any) -> bytes:
     try:
@@ -218,7 +316,21 @@ def _edit_json(body: bytes, edit: Any) -> bytes:
 
 
 def _add_steering_field(body: bytes, info: dict[str, Any]) -> bytes:
-    return _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, info.get(STEERING_KEY)) or True)
+    return _edit_json(body, lambda obj: obj.__setitem__(STEERING_KEY, info.get(APPLIED)) or True)
+
+
+def _steering_unavailable(body: bytes, info: dict[str, Any]) -> bytes:
+    """vLLM's 500 for a request the engine failed carries ``code: 500``; a steered request
+    the engine failed because its steering could not be applied gets vsteer's string code."""
+    def edit(obj: dict[str, Any]) -> bool:
+        error = obj.get("error")
+        if not isinstance(error, dict):
+            return False
+        error["code"] = "steering_unavailable"
+        error["message"] = ("the request's steering could not be applied (its pinned vectors could not be loaded "
+                            "on the engine); nothing was generated with it. " + str(error.get("message") or ""))
+        return True
+    return _edit_json(body, edit)
 
 
 def _openai_error(body: bytes, info: dict[str, Any]) -> bytes:

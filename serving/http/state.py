@@ -30,6 +30,10 @@ class ServerState:
     resolver: SteeringResolver
     default_resolved: ResolvedSteering | None = None
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: Any = None
+    """The per-request steering resolver (``resolution.RequestResolver``), set at install."""
+    aliases: Any = None
+    """The steered models (``aliases.AliasTable``), set at install."""
 
     @property
     def default_steering(self) -> dict[str, Any] | None:
