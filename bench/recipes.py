@@ -196,6 +196,9 @@ def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: 
         return got
     ex = extract(args, concept, str(HELD_DIR / f"{concept}.pairs.jsonl"), method, position)
     main = position == "auto"
+    if not main and _zero(ex["path"]):  # nothing to search: a zero vector steers nothing at any strength
+        return _save(path, {"concept": concept, "method": method, "position": position, "extract": ex,
+                            "zero_vector": True, "tune": {"chosen": None, "heldout": {}}})
     system = None
     if main and method != METHODS[0]:  # the system message was chosen once, with the first method
         system = [heldout_unit(args, concept, METHODS[0])["tune"]["chosen_system_prompt"]]
@@ -209,6 +212,12 @@ def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: 
     print(format_tune(rep), flush=True)
     return _save(path, {"concept": concept, "method": method, "position": position, "extract": ex,
                         "behaviour": rep["behaviour"], "tune": rep["tune"], "seconds": time.perf_counter() - started})
+
+
+def _zero(path: str) -> bool:
+    from vsteer.engine.formats import load_vector_set
+
+    return all(float(v.norm()) == 0.0 for v in load_vector_set(path).vectors.values())
 
 
 def units(stage: str, only: list[str] | None) -> list[tuple]:

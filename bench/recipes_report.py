@@ -109,8 +109,13 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
             scored = {m: v["select_rule_score"] for m, v in ms.items() if v["select_rule_score"] is not None}
             entry["best_method"] = max(scored, key=scored.get) if scored else None
         positions = {"auto": units.get(f"{c}-caa-auto")} | {p: units.get(f"{c}-caa-{p}") for p in ("last", "first")}
+        unsteered = _rate(_h(main["caa"], "unsteered")) if main.get("caa") else float("nan")
         entry["positions"] = {p: {"token_position": u["extract"]["token_position"], "check": u["extract"]["check"],
-                                  "steering": _h(u, "steering"), "chosen": u["tune"]["chosen"]}
+                                  "steering": _h(u, "steering"), "chosen": u["tune"]["chosen"],
+                                  "zero_vector": bool(u.get("zero_vector")),
+                                  # what the position gives: its tuned steering, else (nothing moved, or a zero
+                                  # vector) the unsteered model
+                                  "rate": _rate(_h(u, "steering")) if _h(u, "steering") else unsteered}
                               for p, u in positions.items() if u is not None}
         out[c] = entry
     out["targets"] = targets(out)
@@ -138,8 +143,7 @@ def targets(held: dict[str, Any]) -> dict[str, Any]:
                  "met": bool(s >= p and ppl is not None and ppl <= 1.3 and z is not None and z >= 3),
                  "distance": {"rate": max(0.0, p - s), "ppl": max(0.0, (ppl or 99) - 1.3), "z": max(0.0, 3 - (z or 0))}}
         t2[c] = {"method": best, "both": b, "prompting": p, "met": bool(b > p), "distance": max(0.0, p - b)}
-        rates = {pos: _rate(v["steering"]) for pos, v in e["positions"].items()}
-        rates = {k: (0.0 if math.isnan(v) else v) for k, v in rates.items()}  # nothing chosen: the unsteered rate
+        rates = {pos: v["rate"] for pos, v in e["positions"].items() if not math.isnan(v["rate"])}
         if "auto" in rates and len(rates) > 1:
             top = max(rates.values())
             t3[c] = {"rates": rates, "default": rates["auto"], "best": top, "met": rates["auto"] >= top - 0.05,
@@ -235,8 +239,10 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
     for c in names:
         for pos, v in held[c]["positions"].items():
             ck = v.get("check") or {}
-            prow.append([c, pos if pos != "auto" else f"default ({v['token_position']})", _recipe(v["chosen"]),
-                         _cell(v["steering"]), f"{f(ck.get('accuracy'))} / {f(ck.get('gain'))} (z {f(ck.get('z'), 1)})",
+            prow.append([c, pos if pos != "auto" else f"default ({v['token_position']})",
+                         "zero vector: not searched" if v["zero_vector"] else _recipe(v["chosen"]),
+                         _cell(v["steering"]) if v["steering"] else f"{f(v['rate'])} (unsteered)",
+                         f"{f(ck.get('accuracy'))} / {f(ck.get('gain'))} (z {f(ck.get('z'), 1)})",
                          "weak" if ck.get("weak") else "ok"])
     L += ["Token positions (caa; each vector searched the same way, no prompting; check = held-out projection "
           "accuracy / likelihood gain in nats per pair at 0.2 relative, z against random directions):", "",
