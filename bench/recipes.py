@@ -240,7 +240,7 @@ def run_study(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    todo = units(args.stage, args.only.split(",") if args.only else None)
+    todo = [u for u in units(args.stage, args.only.split(",") if args.only else None) if not _unit(*u).is_file()]
     for unit in todo:
         if (time.perf_counter() - started) / 60 > args.minutes:
             C.log(f"stopping: {args.minutes} min budget used; run again to continue")
