@@ -40,16 +40,19 @@ def _choose(rows: list[dict], base: dict, idx: list[int], rule: str, budget: flo
     return picked["row"] if picked else None
 
 
-def replay(rows: list[dict], base: dict, n: int, budget: float | None) -> dict[str, dict[str, float]]:
-    """Per rule, over ``SPLITS`` random halves: the chosen candidate's mean on the select
-    half, on the score half, the drop, and how often nothing qualified."""
+def replay(rows: list[dict], base: dict, n: int, budget: float | None,
+           half: int | None = None) -> dict[str, dict[str, float]]:
+    """Per rule, over ``SPLITS`` random splits into a select and a score part of ``half``
+    prompts each (default: halves): the chosen candidate's mean on the select part, on
+    the score part, the drop, and how often nothing qualified."""
     out = {}
+    k_sel = half or (n + 1) // 2
     for rule in RULES:
         sel, sco, none = [], [], 0
         for k in range(SPLITS):
             order = list(range(n))
             random.Random(1000 + k).shuffle(order)
-            a, b = sorted(order[: (n + 1) // 2]), sorted(order[(n + 1) // 2:])
+            a, b = sorted(order[:k_sel]), sorted(order[k_sel:k_sel + (half or n)])
             row = _choose(rows, base, a, rule, budget, k)
             if row is None:
                 none += 1
@@ -78,6 +81,8 @@ def analyse_dev(units: dict[str, dict], budget: float) -> dict[str, Any]:
                     "extract": {k: u["extract"][k] for k in ("argv", "token_position", "check", "training")},
                     "steering_rules": replay(steer, base, n, budget),
                     "prompting_rules": replay(prompts, base, n, None) if prompts else None,
+                    "steering_rules_12": replay(steer, base, n, budget, half=12),
+                    "prompting_rules_12": replay(prompts, base, n, None, half=12) if prompts else None,
                     "random": u.get("random")}
     return out
 
@@ -270,11 +275,13 @@ def _render_dev(dev: dict, p: dict) -> list[str]:
          "Mean concept rate of the chosen candidate on the select half, on the score half, and the drop:", ""]
     rows = []
     for key, d in dev.items():
-        for what, rules in (("steering", d["steering_rules"]), ("prompting", d["prompting_rules"])):
-            if rules:
-                rows.append([d["concept"], d["method"] if what == "steering" else "prompting"] +
+        for what, size in (("steering", ""), ("prompting", ""), ("steering", "_12"), ("prompting", "_12")):
+            rules = d.get(f"{what}_rules{size}")
+            if rules and (what == "steering" or d["method"] == "caa"):
+                rows.append([d["concept"], d["method"] if what == "steering" else "prompting",
+                             "12 / 12" if size else f"{(d['n_prompts'] + 1) // 2} / {d['n_prompts'] // 2}"] +
                             [f"{f(r['select'])} -> {f(r['score'])} ({f(r['drop'])})" for r in rules.values()])
-    L += [_table(["concept", "what", *RULES], rows), ""]
+    L += [_table(["concept", "what", "select / score prompts", *RULES], rows), ""]
     zrows = []
     for key, d in dev.items():
         z = d.get("random")
