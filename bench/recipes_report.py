@@ -16,7 +16,7 @@ import _common as C  # noqa: E402
 
 BEGIN, END = "<!-- recipe-study:begin -->", "<!-- recipe-study:end -->"
 SPLITS = 400           # random select/score splits the rules are replayed on
-RULES = ("max", "lcb", "folds")
+RULES = ("max", "lcb", "folds", "smooth")
 
 
 # -- development: replaying the rules ------------------------------------------------------------

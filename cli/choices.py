@@ -14,4 +14,4 @@ POSITIONS = ("all", "prompt", "generated", "first", "last")  # vsteer.engine.pos
 METHODS = ("bipo", "caa", "pca")                            # extract.methods.METHODS + extract.trained
 TOKEN_POSITIONS = ("auto", "last", "first", "mean", "completion")  # extract.positions.CLI_TOKEN_POSITIONS
 BEHAVIOURS = ("conciseness", "cooking", "formality", "ocean", "refusal", "sentiment", "space")  # eval BEHAVIOURS
-CHOICE_RULES = ("lcb", "folds", "max")                       # vsteer.eval.choice.RULES
+CHOICE_RULES = ("lcb", "folds", "smooth", "max")                       # vsteer.eval.choice.RULES

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="perplexity budget: at most this x unsteered on the select prompts")
     p.add_argument("--choose", choices=CHOICE_RULES, default="lcb",
                    help="how a candidate is chosen on the select prompts: lcb = mean gain minus its standard error "
-                        "(robust to selection noise), folds = median over prompt folds, max = highest mean")
+                        "(robust to selection noise), folds = median over prompt folds, smooth = lcb pooled with the "
+                        "neighbouring strengths, max = highest mean")
     p.add_argument("--direction", choices=["+", "-"], default="+",
                    help="raise (+) or lower (-) the behaviour score")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the select/score split of the prompts")

@@ -10,6 +10,9 @@ unsteered run on the same prompt:
 * ``lcb`` (default): a lower confidence bound, mean gain - ``Z`` x its standard error;
   a gain carried by a few prompts has a large standard error and ranks lower;
 * ``folds``: the median over ``FOLDS`` fixed folds of the prompts of the fold's mean gain;
+* ``smooth``: ``lcb`` of the candidate's gains pooled with those of its neighbours in
+  strength (same band, positions, norm): an effect grows smoothly with strength, noise
+  does not, so a lone spike between two weaker neighbours ranks lower;
 * ``max``: the mean gain (the old rule, for comparison).
 
 ``bench/recipes.py --dev-rules`` compared them on the development concepts (every
@@ -24,7 +27,7 @@ import random
 import statistics
 from typing import Any, Sequence
 
-RULES: tuple[str, ...] = ("lcb", "folds", "max")
+RULES: tuple[str, ...] = ("lcb", "folds", "smooth", "max")
 DEFAULT_RULE = "lcb"
 Z = 1.0       # lcb: standard errors subtracted
 FOLDS = 4     # folds: number of prompt folds
@@ -52,7 +55,7 @@ def rule_score(items: Sequence[float], base: Sequence[float], rule: str = DEFAUL
     mean = sum(g) / len(g)
     if check_rule(rule) == "max" or len(g) < 2:
         return mean
-    if rule == "lcb":
+    if rule in ("lcb", "smooth"):
         return mean - Z * statistics.stdev(g) / math.sqrt(len(g))
     order = list(range(len(g)))
     random.Random(seed).shuffle(order)
@@ -68,8 +71,12 @@ def choose(candidates: list[dict[str, Any]], base_items: Sequence[float], *, rul
     strength. Each candidate needs ``items`` (per-item scores on the same items as
     ``base_items``), ``behaviour`` and ``ppl_ratio``; ``rule_score`` is set on each."""
     ok = []
-    for c in candidates:
-        c["rule_score"] = rule_score(c["items"], base_items, rule, direction=direction, seed=seed)
+    pooled = _neighbours(candidates) if rule == "smooth" else {}
+    for i, c in enumerate(candidates):
+        items, base = c["items"], list(base_items)
+        for j in pooled.get(i, []):
+            items, base = [*items, *candidates[j]["items"]], [*base, *base_items]
+        c["rule_score"] = rule_score(items, base, rule, direction=direction, seed=seed)
         mean_gain = sum(gains(c["items"], base_items, direction)) if c["items"] else float("nan")
         in_budget = max_ppl_ratio is None or (c.get("ppl_ratio") is not None and c["ppl_ratio"] <= max_ppl_ratio)
         if in_budget and math.isfinite(c["rule_score"]) and mean_gain > 0:
@@ -78,3 +85,20 @@ def choose(candidates: list[dict[str, Any]], base_items: Sequence[float], *, rul
         return None
     return max(ok, key=lambda c: (c["rule_score"], direction * c["behaviour"],
                                   -abs((c.get("recipe") or {}).get("strength", 0.0))))
+
+
+def _neighbours(candidates: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """For each candidate, the candidates of the same recipe at the next lower and higher
+    strength (none for candidates without a recipe, such as system messages)."""
+    groups: dict[tuple, list[tuple[float, int]]] = {}
+    for i, c in enumerate(candidates):
+        r = c.get("recipe") or {}
+        if "strength" in r:
+            key = tuple(str(r.get(k)) for k in ("band", "layers", "op", "unit", "norm", "positions"))
+            groups.setdefault(key, []).append((abs(float(r["strength"])), i))
+    out: dict[int, list[int]] = {}
+    for members in groups.values():
+        members.sort()
+        for pos, (_, i) in enumerate(members):
+            out[i] = [members[q][1] for q in (pos - 1, pos + 1) if 0 <= q < len(members)]
+    return out

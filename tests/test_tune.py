@@ -42,6 +42,19 @@ def test_robust_rules_prefer_a_gain_that_holds_across_prompts():
         assert spiky["rule_score"] < steady["rule_score"]
 
 
+def test_smooth_rule_pools_neighbouring_strengths():
+    """A lone spike between two dead neighbours loses to a candidate on a steady plateau."""
+    def cand(band, strength, hits):
+        c = _cand(strength, [1.0] * hits + [0.0] * (12 - hits), 1.0)
+        c["recipe"] = {"band": band, "strength": strength, "positions": "all", "norm": "keep"}
+        return c
+    cands = [cand("6-9", 0.1, 0), cand("6-9", 0.2, 6), cand("6-9", 0.3, 0),
+             cand("3-10", 0.1, 4), cand("3-10", 0.2, 5), cand("3-10", 0.3, 5)]
+    assert choose(cands, [0.0] * 12, rule="max")["recipe"]["band"] == "6-9"
+    picked = choose(cands, [0.0] * 12, rule="smooth")
+    assert picked["recipe"]["band"] == "3-10"
+
+
 def test_split_halves_are_disjoint_and_cover():
     for n in (2, 5, 24, 31):
         sel, score = split_indices(n, "select", 7), split_indices(n, "score", 7)
