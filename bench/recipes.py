@@ -1,32 +1,38 @@
-"""The recipe study (issue 15): can a tuned steering recipe match a one-line prompt on
-SmolLM2-135M-Instruct, on held-out prompts?
+"""The recipe study (issues 15 and 22): does tuned steering beat a *tuned* prompt, on
+concepts the project never developed on, on held-out prompts?
 
-For each behaviour (the concepts ocean, cooking, space from the bundled topic pairs, and
-sentiment from the bundled pairs): extract a CAA vector set (mean over tokens), run
-``vsteer tune`` on the vLLM backend (search on the ``select`` half of the prompts under a
-1.2x perplexity budget, score on the ``score`` half against unsteered, prompting, steering
-+ prompting and 5 same-norm random directions), and check the targets:
+Two lists (eval/data/heldout/README.md): **development** concepts (ocean, cooking, space;
+eval/data/concept_prompts.jsonl) for choosing defaults, and **held-out** concepts
+(dinosaurs, birds, volcanoes; their own pairs, scorers and prompts, committed before any
+tuning) scored once. Every vector is made the way a user makes it: `vsteer extract
+--pairs P --layers 3-10 --out V` with the CLI's defaults (the token position chosen from
+the pairs, the weak-vector check), for each method (`caa`, and `bipo`, the trained
+direction).
 
-* steering reaches the prompting baseline's concept rate (sentiment: score shift) at
-  perplexity <= 1.3x unsteered with z >= 3 against random directions;
-* steering + prompting beats prompting alone.
+* ``dev``: per development concept (caa; bipo on ocean), every candidate of the grid and
+  every prompting template on 64 development prompts (halves of 32, as the held-out
+  prompts split); then the choice rules of `vsteer tune` (``eval/choice.py``) are
+  replayed on many random select/score splits: which rule's choice holds on the other half.
+* ``heldout``: per held-out concept, `vsteer tune` (select half: recipe and system message;
+  score half: unsteered, prompting, steering, steering + prompting, 5 same-norm random
+  directions) for each method; and, for the default-position target, the same search for
+  vectors read at the other token positions.
 
-Mean-centring is measured beside it: the ocean vector extracted with ``--center none``,
-``neutral`` and ``both``, swept at the same band, positions and strengths on the
-``select`` prompts only.
+Each unit of work is cached in bench/out/recipes/units/ (re-runs skip finished units;
+``--minutes`` stops after the unit that passes that budget), the summary goes to
+bench/out/recipes.json, and ``--render --write-results`` puts the section into
+bench/RESULTS.md.
 
-Writes bench/out/recipes.json and the tune reports under bench/out/recipes/; then
-``--render`` prints the markdown section and (with ``--write-results``) puts it into
-bench/RESULTS.md between the recipe-study markers.
-
-    nice -n 15 python bench/recipes.py                      # everything (about an hour on 2 busy cores)
-    nice -n 15 python bench/recipes.py --only ocean          # one behaviour
-    python bench/recipes.py --render --write-results         # RESULTS.md section from the JSON
+    flock /work/heavy.lock python bench/recipes.py --stage dev --minutes 18      # repeat until done
+    flock /work/heavy.lock python bench/recipes.py --stage heldout --minutes 18
+    python bench/recipes.py --render --write-results
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -34,204 +40,268 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import recipes_report as R  # noqa: E402
 
 NAME = "recipes"
 WORK = C.OUT_DIR / NAME
+UNITS = WORK / "units"
 RESULT = C.OUT_DIR / f"{NAME}.json"
-BEGIN, END = "<!-- recipe-study:begin -->", "<!-- recipe-study:end -->"
-
-# The search per behaviour: bands over the first half of the 30 layers, both position
-# rules for generation-scored concepts (probe log-probabilities only see the prompt, so
-# sentiment searches positions=all), strengths as fractions of the residual norm.
-CONCEPT_GRID = dict(bands=[(8,), (6, 7, 8, 9), (9, 10, 11, 12), (3, 4, 5, 6, 7, 8, 9, 10)],
-                    positions=("all", "generated"), strengths=(0.15, 0.2, 0.25, 0.3))
-SENTIMENT_GRID = dict(bands=[(6,), (10,), (4, 5, 6, 7), (6, 7, 8, 9)], positions=("all",),
-                      strengths=(0.05, 0.1, 0.15, 0.2))
-BEHAVIOURS = {"ocean": CONCEPT_GRID, "cooking": CONCEPT_GRID, "space": CONCEPT_GRID, "sentiment": SENTIMENT_GRID}
-EXTRACT_LAYERS = list(range(16))
-CENTERING = dict(behaviour="ocean", band=(6, 7, 8, 9), positions="all", strengths=(0.2, 0.3, 0.4))
+ROOT = C.BENCH_DIR.parent
+HELD_DIR = ROOT / "eval" / "data" / "heldout"
+DEV = ("ocean", "cooking", "space")
+METHODS = ("caa", "bipo")
+LAYERS = "3-10"
+GRID = dict(bands=[(6, 7, 8, 9), tuple(range(3, 11))], positions=("all",), strengths=(0.1, 0.15, 0.2, 0.3))
+DEV_BIPO = ("ocean",)  # bipo's development run in generations (CPU time); its settings came from likelihoods
+OTHER_POSITIONS = ("last", "first")   # the CLI default (auto) is "mean" for these whole-sentence pairs
+TINY = ("0-3", [(1, 2), (0, 1, 2, 3)])  # the tiny test model has 4 layers (smoke runs)
 
 
-def extract(model, tok, name: str, center: str, model_id: str) -> Path:
-    from vsteer.engine.formats import save_vector_set
-    from vsteer.extract import ContrastPairDataset, extract_caa
-
-    path = WORK / "vectors" / f"{name}-{center}"
-    vs = extract_caa(model, tok, ContrastPairDataset.from_bundled(name), layers=EXTRACT_LAYERS, token_position="mean",
-                     batch_size=16, progress=False, behaviour=name, model_id=model_id, center=center)
-    save_vector_set(vs, str(path), overwrite=True)
-    return path
+def heldout_names() -> list[str]:
+    lines = (HELD_DIR / "concepts.jsonl").read_text().splitlines()
+    return [json.loads(line)["name"] for line in lines if line.strip()]
 
 
-def check(h: dict, kind: str) -> dict:
-    """The issue's targets on the held-out half."""
-    s, p, b, u = h.get("steering"), h.get("prompting"), h.get("both"), h["unsteered"]
-    if s is None:
-        return {"steering_matches_prompting": False, "coherent": False, "z_ok": False, "both_beats_prompting": False}
-    d = lambda r: r["behaviour"] - u["behaviour"]  # noqa: E731
-    return {"steering_matches_prompting": d(s) >= d(p), "coherent": (s["ppl_ratio"] or 99) <= 1.3,
-            "z_ok": (s.get("z_vs_random") or 0) >= 3, "both_beats_prompting": b["behaviour"] > p["behaviour"],
-            "metric": "concept rate" if kind == "generation" else "probe score shift (nats)"}
+def _unit(kind: str, *parts: str) -> Path:
+    return UNITS / f"{kind}-{'-'.join(parts)}.json"
+
+
+def _done(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _save(path: Path, data: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(C.clean(data), indent=1))
+    return data
+
+
+def extract(args: argparse.Namespace, concept: str, pairs: str, method: str, position: str = "auto") -> dict:
+    """`vsteer extract` as a user runs it; returns where it wrote and what it printed."""
+    from vsteer.cli.main import main as cli
+    from vsteer.engine.formats import load_vector_set
+
+    out = WORK / "vectors" / f"{concept}-{method}-{position}"
+    argv = ["extract", "--model", args.model, "--pairs", pairs, "--layers", LAYERS, "--out", str(out), "--no-progress"]
+    argv += ["--method", method] if method != "caa" else []
+    argv += ["--token-position", position] if position != "auto" else []
+    if not (out / "vsteer.json").is_file():
+        buf, err = io.StringIO(), io.StringIO()
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+            rc = cli(argv)
+        if rc != 0:
+            raise RuntimeError(f"vsteer {' '.join(argv)} failed: {err.getvalue()}")
+        (out / "extract.log").write_text(f"$ vsteer {' '.join(argv)}\n{buf.getvalue()}{err.getvalue()}"
+                                         f"[{time.perf_counter() - started:.0f} s]\n")
+    vs = load_vector_set(str(out))
+    return {"path": str(out), "argv": "vsteer " + " ".join(argv[:1] + argv[3:]), "method": vs.method,
+            "token_position": vs.params.get("token_position", vs.params.get("init_token_position")),
+            "check": vs.provenance.get("check"), "training": vs.provenance.get("training"),
+            "log": (out / "extract.log").read_text() if (out / "extract.log").is_file() else ""}
+
+
+# -- development: every candidate on every prompt ---------------------------------------------
+def dev_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
+    from vsteer.engine.models import load_hf
+    from vsteer.eval import analysis
+    from vsteer.eval.execute import Session
+    from vsteer.eval.plan import Condition
+    from vsteer.eval.recipes import variants
+    from vsteer.eval.sweep import _setup
+    from vsteer.extract.pairs import ContrastPairDataset
+
+    path = _unit("dev", concept, method)
+    if (got := _done(path)) is not None:
+        return got
+    pairs = WORK / "pairs" / f"{concept}.jsonl"
+    if not pairs.is_file():
+        ContrastPairDataset.from_bundled(concept).save(pairs)
+    ex = extract(args, concept, str(pairs), method)
+    vs, beh, probes, prompts = _setup(ex["path"], concept, None, None, None, args.dev_prompts, None)
+    grid = variants(GRID["bands"], units=("relative",), positions=GRID["positions"])
+    conds = [Condition("baseline", "baseline")] + [Condition(f"{v.label()}:{s:g}", "sweep", v.at(s))
+                                                   for v in grid for s in GRID["strengths"]]
+    if method == METHODS[0]:
+        conds += [Condition(f"prompt:{i}", "prompting", prompted=True, system=t) for i, t in enumerate(beh.system_prompts)]
+    used = sorted({x for b in GRID["bands"] for x in b})
+    started = time.perf_counter()
+    with Session(C.resolve_model(args.model), vs.select(used), [], beh, prompts=prompts, probes=probes,
+                 max_new_tokens=args.max_new_tokens, backend=args.backend, batch_size=args.batch_size,
+                 hf_model=load_hf(C.resolve_model(args.model)) if args.backend == "hf" else None,
+                 progress=False) as session:
+        session.run(conds, desc=f"dev {concept} {method}")
+    rows = []
+    for c in conds:
+        analysis.score(c, beh, args.max_new_tokens)
+        rows.append({"key": c.key, "kind": c.kind, "recipe": c.recipe.to_dict() if c.recipe else None,
+                     "system": c.system, "items": c.result["item_scores"],
+                     "lp": [[sum(lp), len(lp)] for lp in c.result["unsteered_logprobs"]],
+                     "behaviour": c.result["behaviour"], "perplexity": c.result["perplexity"],
+                     "sample": c.result["texts"][0]})
+    return _save(path, {"concept": concept, "method": method, "extract": ex, "n_prompts": len(prompts),
+                        "rows": rows, "seconds": time.perf_counter() - started})
+
+
+def devz_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
+    """Random directions for the development list: the recipe ``lcb`` picks on all
+    development prompts, against ``--random-baselines`` same-norm random directions."""
+    from vsteer.engine.formats import load_vector_set
+    from vsteer.engine.models import load_hf
+    from vsteer.eval import analysis
+    from vsteer.eval.choice import choose
+    from vsteer.eval.execute import Session
+    from vsteer.eval.plan import Condition, random_sets
+    from vsteer.eval.recipes import Recipe
+    from vsteer.eval.sweep import _setup
+
+    path = _unit("devz", concept, method)
+    if (got := _done(path)) is not None:
+        return got
+    dev = dev_unit(args, concept, method)
+    rows = dev["rows"]
+    base = next(r for r in rows if r["kind"] == "baseline")
+    p0 = R._ppl(base, list(range(len(base["items"]))))
+    cands = [{"row": r, "items": r["items"], "behaviour": r["behaviour"], "recipe": r["recipe"],
+              "ppl_ratio": R._ppl(r, list(range(len(r["items"])))) / p0} for r in rows if r["kind"] == "sweep"]
+    picked = choose(cands, base["items"], rule="lcb", max_ppl_ratio=args.budget)
+    if picked is None:
+        return _save(path, {"concept": concept, "method": method, "recipe": None})
+    rc = picked["recipe"]
+    recipe = Recipe(tuple(rc["layers"]), rc["strength"], rc["op"], rc["unit"], rc["norm"], rc["positions"])
+    vs = load_vector_set(dev["extract"]["path"])
+    _, beh, probes, prompts = _setup(vs, concept, None, None, None, args.dev_prompts, None)
+    randoms = random_sets(vs, list(recipe.layers), args.random_baselines, 0)
+    conds = [Condition("baseline", "baseline"), Condition("steering", "sweep", recipe)] + \
+        [Condition(f"R{i}", "random", recipe, random_index=i) for i in range(args.random_baselines)]
+    with Session(C.resolve_model(args.model), vs.select(list(recipe.layers)), randoms, beh, prompts=prompts,
+                 probes=probes, max_new_tokens=args.max_new_tokens, backend=args.backend, batch_size=args.batch_size,
+                 hf_model=load_hf(C.resolve_model(args.model)) if args.backend == "hf" else None,
+                 progress=False) as session:
+        session.run(conds, desc=f"devz {concept} {method}")
+    for c in conds:
+        analysis.score(c, beh, args.max_new_tokens)
+    z = analysis.random_comparison(conds, conds[0], conds[1])
+    return _save(path, {"concept": concept, "method": method, "recipe": recipe.to_dict(),
+                        "behaviour": conds[1].result["behaviour"], "ppl_ratio": picked["ppl_ratio"],
+                        "unsteered": conds[0].result["behaviour"], "random": z})
+
+
+# -- held out: vsteer tune per method, and the other token positions ------------------------
+def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: str = "auto") -> dict:
+    from vsteer.eval.tune import format_tune, tune
+
+    path = _unit("heldout", concept, method, position)
+    if (got := _done(path)) is not None:
+        return got
+    ex = extract(args, concept, str(HELD_DIR / f"{concept}.pairs.jsonl"), method, position)
+    main = position == "auto"
+    if not main and _zero(ex["path"]):  # nothing to search: a zero vector steers nothing at any strength
+        return _save(path, {"concept": concept, "method": method, "position": position, "extract": ex,
+                            "zero_vector": True, "tune": {"chosen": None, "heldout": {}}})
+    system = None
+    if main and method != METHODS[0]:  # the system message was chosen once, with the first method
+        system = [heldout_unit(args, concept, METHODS[0])["tune"]["chosen_system_prompt"]]
+    started = time.perf_counter()
+    rep = tune(args.model, ex["path"], scorer=str(HELD_DIR / f"{concept}.scorer.json"),
+               prompts_file=str(HELD_DIR / "prompts.jsonl"), bands=GRID["bands"], strengths=GRID["strengths"],
+               positions=GRID["positions"], max_ppl_ratio=args.budget, system_prompt=system, prompting=main,
+               random_baselines=args.random_baselines if main else 0, backend=args.backend,
+               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=str(path.with_suffix("")),
+               progress=False, plots=False)
+    print(format_tune(rep), flush=True)
+    return _save(path, {"concept": concept, "method": method, "position": position, "extract": ex,
+                        "behaviour": rep["behaviour"], "tune": rep["tune"], "seconds": time.perf_counter() - started})
+
+
+def _zero(path: str) -> bool:
+    from vsteer.engine.formats import load_vector_set
+
+    return all(float(v.norm()) == 0.0 for v in load_vector_set(path).vectors.values())
+
+
+def units(stage: str, only: list[str] | None) -> list[tuple]:
+    out: list[tuple] = []
+    if stage in ("dev", "all"):
+        out += [("dev", c, "caa") for c in DEV if not only or c in only]
+        out += [("dev", c, "bipo") for c in DEV_BIPO if not only or c in only]
+        out += [("devz", c, "caa") for c in DEV if not only or c in only]
+        out += [("devz", c, "bipo") for c in DEV_BIPO if not only or c in only]
+    if stage in ("heldout", "all"):
+        for c in heldout_names():
+            if not only or c in only:
+                out += [("heldout", c, m, "auto") for m in METHODS]
+                out += [("heldout", c, "caa", p) for p in OTHER_POSITIONS]
+    return out
 
 
 def run_study(args: argparse.Namespace) -> dict:
-    from vsteer.engine.models import load_hf
-    from vsteer.eval.inputs import load_prompts, split_indices
-    from vsteer.eval.sweep import run_sweep
-    from vsteer.eval.tune import format_tune, tune
+    import torch
 
-    path = C.resolve_model(args.model)
-    WORK.mkdir(parents=True, exist_ok=True)
-    names = args.only.split(",") if args.only else list(BEHAVIOURS)
-    previous = json.loads(RESULT.read_text()) if RESULT.is_file() and args.only else {}
-    results: dict = {"params": {"model": args.model, "max_new_tokens": args.max_new_tokens, "budget": args.budget,
-                                "random_baselines": args.random_baselines, "extract_layers": EXTRACT_LAYERS,
-                                "vectors": "CAA mean difference, mean over tokens, bundled pairs (concepts: "
-                                           "vsteer pairs topic templates, 64 pairs)"},
-                     "behaviours": dict(previous.get("behaviours", {})), "centering": previous.get("centering")}
-    model, tok = load_hf(path)
-    paths = {name: extract(model, tok, name, "none", args.model) for name in names}
-    centred = {}
-    if "ocean" in names and not args.skip_centering:
-        centred = {c: extract(model, tok, "ocean", c, args.model) for c in ("neutral", "both")}
-    del model
-
-    for name in names:
-        grid = BEHAVIOURS[name]
-        C.log(f"tune {name}: {len(grid['bands'])} bands x {len(grid['positions'])} positions x "
-              f"{len(grid['strengths'])} strengths")
-        t = time.perf_counter()
-        rep = tune(path, str(paths[name]), behaviour=name, bands=grid["bands"], strengths=grid["strengths"],
-                   positions=grid["positions"], max_ppl_ratio=args.budget, random_baselines=args.random_baselines,
-                   backend="vllm", out=str(WORK / name), max_new_tokens=args.max_new_tokens, progress=False)
-        print(format_tune(rep), flush=True)
-        h = rep["tune"]["heldout"]
-        results["behaviours"][name] = {
-            "seconds": time.perf_counter() - t, "kind": rep["behaviour"]["kind"], "unit": rep["behaviour"]["unit"],
-            "system_prompt": rep["behaviour"]["system_prompt"], "split": rep["tune"]["split"],
-            "search": rep["tune"]["search"], "select_baseline": rep["tune"]["select_baseline"],
-            "chosen": rep["tune"]["chosen"], "heldout": h, "checks": check(h, rep["behaviour"]["kind"]),
-            "report": f"bench/out/{NAME}/{name}/report.json"}
-        C.write_result(NAME, results, str(RESULT))
-
-    if centred:
-        prompts = load_prompts("concept_prompts.jsonl")
-        sel = WORK / "ocean_select_prompts.jsonl"
-        sel.write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n"
-                               for i in split_indices(len(prompts), "select", 0)))
-        rows = []
-        for center, vec in (("none", paths["ocean"]), *centred.items()):
-            C.log(f"centring: ocean {center}")
-            rep = run_sweep(path, str(vec), behaviour="ocean", backend="vllm", bands=[CENTERING["band"]],
-                            positions=CENTERING["positions"], strengths=CENTERING["strengths"],
-                            strength_unit="relative", prompts_file=str(sel), max_new_tokens=args.max_new_tokens,
-                            random_baselines=0, prompting=False, progress=False, plots=False,
-                            out=str(WORK / f"centering-{center}"))
-            rows.append({"center": center, "points": [{k: p[k] for k in ("strength", "behaviour", "ppl_ratio",
-                                                                        "distinct_2", "samples")}
-                                                      for p in rep["points"] if p["strength"]]})
-        results["centering"] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in CENTERING.items()},
-                                "prompts": "select half of concept_prompts.jsonl", "rows": rows}
-    C.write_result(NAME, results, str(RESULT))
-    return results
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    todo = [u for u in units(args.stage, args.only.split(",") if args.only else None) if not _unit(*u).is_file()]
+    for unit in todo:
+        if (time.perf_counter() - started) / 60 > args.minutes:
+            C.log(f"stopping: {args.minutes} min budget used; run again to continue")
+            break
+        kind, *rest = unit
+        C.log(f"{kind} {' '.join(rest)}")
+        {"dev": dev_unit, "devz": devz_unit, "heldout": heldout_unit}[kind](args, *rest)
+    res = collect(args)
+    C.write_result(NAME, res, str(RESULT))
+    return res
 
 
-# -- markdown -----------------------------------------------------------------------------
-def f(x, d: int = 2) -> str:
-    return "n/a" if x is None else f"{x:.{d}f}"
-
-
-def render(res: dict) -> str:
-    p = res["params"]
-    L = [BEGIN, "## Recipes against prompting (`bench/recipes.py`, `vsteer tune` on the vLLM backend)", "",
-         f"{p['model']}; vectors: {p['vectors']}, layers 0-{max(p['extract_layers'])}. `vsteer tune` searched each "
-         f"grid on the `select` half of the prompts under a {p['budget']:g}x perplexity budget, then scored the "
-         f"chosen recipe on the `score` half (never seen by the search) against unsteered, the prompting baseline "
-         f"(system message), steering + prompting, and {p['random_baselines']} same-norm random directions. Greedy, "
-         f"up to {p['max_new_tokens']} new tokens. Concept rate = share of answers using a concept keyword; "
-         "sentiment = held-out probe margin (nats). Strengths are fractions of the residual norm, summed over the "
-         "band.", ""]
-    rows = []
-    for name, r in res["behaviours"].items():
-        h, ch, ck = r["heldout"], r["chosen"], r["checks"]
-        s, pr, b, u = h.get("steering"), h.get("prompting"), h.get("both"), h["unsteered"]
-        recipe = f"layers {ch['band']}, {ch['strength']:g} rel, {ch['positions']}" if ch else "none in budget"
-        rows.append([name, recipe, f(u["behaviour"]), f"{f(pr['behaviour'])} (x{f(pr['ppl_ratio'])})",
-                     f"{f(s['behaviour'])} (x{f(s['ppl_ratio'])})" if s else "n/a",
-                     f(s.get("z_vs_random"), 1) if s else "n/a",
-                     f"{f(b['behaviour'])} (x{f(b['ppl_ratio'])})" if b else "n/a",
-                     ", ".join(k for k, v in ck.items() if v is True and k != "metric") or "none",
-                     ", ".join(k for k, v in ck.items() if v is False) or "-"])
-    L.append("Held-out results (`score` half; perplexity ratio against unsteered in brackets):")
-    L.append("")
-    L.append(_table(["behaviour", "tuned recipe", "unsteered", "prompting", "steering", "z vs random",
-                     "steering + prompting", "targets met", "targets not met"], rows))
-    L += ["", "Search frontier on the `select` half: per band and positions, the best in-budget candidate "
-          "(behaviour, perplexity ratio), and the strongest candidate tried:", ""]
-    for name, r in res["behaviours"].items():
-        groups: dict = {}
-        for c in r["search"]:
-            groups.setdefault((c["recipe"]["band"], c["recipe"]["positions"]), []).append(c)
-        cells = []
-        for (band, pos), cs in groups.items():
-            inb = [c for c in cs if c["ppl_ratio"] is not None and c["ppl_ratio"] <= p["budget"]]
-            best = max(inb, key=lambda c: c["behaviour"]) if inb else None
-            top = max(cs, key=lambda c: abs(c["recipe"]["strength"]))
-            cells.append([band, pos, f"{f(best['behaviour'])} @ {best['recipe']['strength']:g} (x{f(best['ppl_ratio'])})"
-                          if best else "none", f"{f(top['behaviour'])} @ {top['recipe']['strength']:g} "
-                          f"(x{f(top['ppl_ratio'])})"])
-        L += [f"*{name}* (unsteered {f(r['select_baseline']['behaviour'])}):", "",
-              _table(["layers", "positions", f"best within {p['budget']:g}x", "strongest tried"], cells), ""]
-    cen = res.get("centering")
-    if cen:
-        L += [f"Mean-centring (ocean, layers {'-'.join(map(str, (cen['band'][0], cen['band'][-1])))}, positions "
-              f"{cen['positions']}, {cen['prompts']}): concept rate (perplexity ratio) by strength:", ""]
-        L.append(_table(["center"] + [f"{s:g}" for s in cen["strengths"]],
-                        [[row["center"]] + [f"{f(pt['behaviour'])} (x{f(pt['ppl_ratio'])})" for pt in row["points"]]
-                         for row in cen["rows"]]))
-        L.append("")
-    L += ["Samples (first held-out prompt, greedy):", ""]
-    for name, r in res["behaviours"].items():
-        for key in ("unsteered", "prompting", "steering", "both"):
-            if r["heldout"].get(key) and r["heldout"][key]["samples"]:
-                L.append(f"* {name}, {key}: {json.dumps(r['heldout'][key]['samples'][0])}")
-    L += ["", END]
-    return "\n".join(L)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def write_results_section(text: str) -> None:
-    path = C.BENCH_DIR / "RESULTS.md"
-    body = path.read_text()
-    if BEGIN in body and END in body:
-        body = body[:body.index(BEGIN)] + text + body[body.index(END) + len(END):]
-    else:
-        body = body.rstrip() + "\n\n" + text + "\n"
-    path.write_text(body)
-    print(f"wrote the recipe section of {path}")
+def collect(args: argparse.Namespace) -> dict:
+    """Everything finished so far, analysed (``recipes_report``)."""
+    dev = {f"{u['concept']}-{u['method']}": u for u in map(_done, sorted(UNITS.glob("dev-*.json")))}
+    for u in map(_done, sorted(UNITS.glob("devz-*.json"))):
+        if f"{u['concept']}-{u['method']}" in dev:
+            dev[f"{u['concept']}-{u['method']}"]["random"] = u
+    held = {f"{u['concept']}-{u['method']}-{u['position']}": u for u in map(_done, sorted(UNITS.glob("heldout-*.json")))}
+    return {"params": {"model": args.model, "max_new_tokens": args.max_new_tokens, "budget": args.budget,
+                       "random_baselines": args.random_baselines, "layers": LAYERS, "backend": args.backend,
+                       "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
+                       "dev": list(DEV), "heldout": heldout_names(), "methods": list(METHODS)},
+            "dev": R.analyse_dev(dev, args.budget), "heldout": R.analyse_heldout(held, args.budget)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=C.DEFAULT_MODEL)
-    p.add_argument("--only", help="comma list of behaviours (default: all four)")
-    p.add_argument("--budget", type=float, default=1.2, help="perplexity budget of the search")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--stage", choices=["dev", "heldout", "all"], default="all")
+    p.add_argument("--only", help="comma list of concepts")
+    p.add_argument("--budget", type=float, default=1.2, help="perplexity budget of the search (select half)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--random-baselines", type=int, default=5)
-    p.add_argument("--skip-centering", action="store_true")
+    p.add_argument("--dev-prompts", type=int, default=64,
+                   help="development prompts per concept (64: halves of 32, as the held-out prompts split)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--batch-size", type=int, default=32, help="HF backend batch size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--minutes", type=float, default=1e9, help="stop after the unit that passes this many minutes")
+    p.add_argument("--work", help="folder of the cached units (default: bench/out/recipes)")
+    p.add_argument("--skip-centering", action="store_true", help=argparse.SUPPRESS)  # accepted (run_all's quick run)
     p.add_argument("--render", action="store_true", help="only print the markdown section from the JSON")
     p.add_argument("--write-results", action="store_true", help="with --render: put it into bench/RESULTS.md")
     args = p.parse_args(argv)
-    res = json.loads(RESULT.read_text()) if args.render else run_study(args)
+    global WORK, UNITS, LAYERS, RESULT
+    if args.model == "tiny-llama":
+        LAYERS, GRID["bands"] = TINY
+    if args.work:
+        WORK = Path(args.work)
+        UNITS, RESULT = WORK / "units", WORK / f"{NAME}.json"
+    res = collect(args) if args.render else run_study(args)
     text = render(res)
     print(text)
     if args.write_results:
-        write_results_section(text)
+        R.write_results_section(text)
     return 0
+
+
+def render(res: dict) -> str:
+    return R.render(res)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,21 @@ import os
 import time
 from pathlib import Path
 
-from vsteer.engine.models import SMOLLM2, cache_dir, load_hf, resolve_model
+from .choices import KNOWN_MODELS
 
 PROMPTS = ["Tell me about your weekend.", "What do you think of the new cafe in town?"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=SMOLLM2, help="local HF folder or a known name (default: %(default)s)")
+    p.add_argument("--model", default=KNOWN_MODELS[0], help="local HF folder or a known name (default: %(default)s)")
     p.add_argument("--pairs", default="sentiment", help="bundled pair set or a file (default: %(default)s)")
     p.add_argument("--layer", type=int, default=10, help="layer to extract and steer (default: %(default)s)")
     p.add_argument("--strength", type=float, default=3.0, help="steering strength (default: %(default)s)")
-    p.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto")
-    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto",
+                   help="auto: vllm when it is installed, else hf")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per answer")
+    p.add_argument("--max-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old name, kept as an alias
     p.add_argument("--vectors", help="registry directory to save into (default: the vsteer cache)")
 
 
@@ -38,7 +41,8 @@ def _chat(tok, text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from vsteer.engine import SpecInjector, SteeringResolver, VectorRegistry
-    from vsteer.extract import load_pairs, extract_caa
+    from vsteer.engine.models import cache_dir, load_hf, resolve_model
+    from vsteer.extract import extract_caa, load_pairs
 
     t0 = time.perf_counter()
     path = resolve_model(args.model)
@@ -61,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
-    print(f"[4/4] generating with {backend} (greedy, {args.max_tokens} tokens)")
+    print(f"[4/4] generating with {backend} (greedy, {args.max_new_tokens} tokens)")
     if backend == "vllm":
         del model
-        texts = _generate_vllm(path, str(root), specs, tok, args.max_tokens)
+        texts = _generate_vllm(path, str(root), specs, tok, args.max_new_tokens)
     else:
         resolver = SteeringResolver(registry, hidden_size=vs.hidden_size, num_layers=model.config.num_hidden_layers)
         texts = {}
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 import torch
 
                 with torch.no_grad(), SpecInjector(model, resolver.resolve(spec)):
-                    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=args.max_tokens,
+                    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                                          do_sample=False, pad_token_id=tok.pad_token_id)
                 texts[(prompt, label)] = tok.decode(out[0, len(ids):], skip_special_tokens=True)
     for prompt in PROMPTS:

@@ -1,35 +1,58 @@
 """The ``vsteer`` command. Each subcommand is a module of ``vsteer.cli`` imported only when
-chosen, so ``vsteer inspect`` does not pay for importing vLLM."""
+chosen, and building a parser imports neither torch nor vLLM, so ``vsteer --help`` and
+every ``vsteer CMD --help`` answer at once (tests/test_cli_help.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from importlib import import_module
+from importlib import import_module, metadata
 
 # name -> (module defining add_arguments(parser) and run(args), help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("vsteer.cli.models_cmd", "prepare the embedded default model (and a tiny test model)"),
+    "pairs": ("vsteer.cli.pairs_cmd", "make contrast pairs, e.g. for a topic from a word list"),
     "extract": ("vsteer.cli.extract_cmd", "extract a steering vector set from contrast pairs"),
     "inspect": ("vsteer.cli.inspect_cmd", "print a vector file's metadata and norms"),
-    "demo": ("vsteer.cli.demo", "extract a vector on the embedded model and print steered vs unsteered text"),
+    "eval": ("vsteer.cli.eval_cmd", "strength/layer sweep: behaviour score, coherence, prompting baseline, plots"),
+    "tune": ("vsteer.cli.tune_cmd", "choose a recipe (layers, strength, positions) and a system message on some "
+                                    "prompts, score them on others, record the recipe as the set's default"),
     "serve": ("vsteer.cli.serve_cmd", "run vLLM's OpenAI-compatible server with per-request steering"),
-    "eval": ("vsteer.cli.eval_cmd", "strength/layer sweep: behaviour score, coherence, plots"),
-    "tune": ("vsteer.cli.tune_cmd", "search a recipe (layers, strength, positions) on held-out prompts and "
-                                    "record it as the vector set's default"),
-    "pairs": ("vsteer.cli.pairs_cmd", "make contrast pairs, e.g. for a topic from a word list"),
+    "demo": ("vsteer.cli.demo", "extract a vector on the embedded model and print steered vs unsteered text"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, plus each option's default when it has one and its help does
+    not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if text is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings:
+            return text
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or action.nargs == 0:
+            return text
+        shown = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in action.default) \
+            if isinstance(action.default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def _version() -> str:
+    try:  # the same source as vsteer.engine.version, without importing the engine (torch)
+        return metadata.version("vsteer")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Only the chosen subcommand's module is imported (the others just list their help)."""
-    from vsteer.engine.version import __version__
-
-    parser = argparse.ArgumentParser(prog="vsteer", description="Steering vectors: extract, inspect, serve.")
-    parser.add_argument("--version", action="version", version=f"vsteer {__version__}")
+    parser = argparse.ArgumentParser(prog="vsteer", description="Steering vectors: extract, tune, inspect, serve.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vsteer {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         if name == command:
             import_module(module).add_arguments(p)

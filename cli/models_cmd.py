@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vsteer.engine.models import KNOWN_MODELS, SMOLLM2, build_tiny_llama, prepare_smollm2
+from .choices import KNOWN_MODELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vsteer.engine.models import SMOLLM2, build_tiny_llama, prepare_smollm2
+
     fn = prepare_smollm2 if args.name == SMOLLM2 else build_tiny_llama
     print(fn(args.out, force=args.force and args.action == "prepare"))
     return 0

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--contrast", type=_words, help="bundled contrast topics to swap in (default: all everyday ones)")
     t.add_argument("--contrast-words", type=_words, help="your own contrast words instead of bundled topics")
     t.add_argument("--prompt", default="", help="a prompt shared by every pair (default: none)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the template and word order")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,8 +103,27 @@ def _export_settings(vectors: str | None, default_steering: str | None, import_d
     return None
 
 
+def quick_help() -> str:
+    """``vsteer serve --help`` without importing vLLM: vsteer's own flags, and where vLLM's
+    are listed (vLLM's parser takes seconds to build: only ``--help=...`` builds it)."""
+    p = argparse.ArgumentParser(prog="vsteer serve", usage=USAGE, add_help=False,
+                                description="vLLM's OpenAI-compatible server with per-request steering, the vector "
+                                            "registry routes and the steering metrics (docs/server.md). MODEL is a "
+                                            "Hugging Face Hub id, a local folder, smollm2-135m-instruct or tiny-llama.")
+    add_arguments(p)
+    return p.format_help() + (
+        "\nEvery `vllm serve` flag is accepted as well (and --config FILE.yaml may hold both kinds). vLLM's own\n"
+        "help builds vLLM's parser (a few seconds):\n"
+        "  vsteer serve --help=all         every flag\n"
+        "  vsteer serve --help=listgroup   the groups of flags\n"
+        "  vsteer serve --help=GROUP       one group (e.g. --help=ModelConfig, --help=vsteer)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):  # plain help: no vLLM import (--help=GROUP goes to vLLM)
+        print(quick_help())
+        return 0
     from vsteer.engine.settings import SettingsError, settings
 
     try:

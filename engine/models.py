@@ -169,19 +169,22 @@ def _check_hub_model(repo_id: str, revision: str | None) -> None:
 
 
 def load_hf(name_or_path: str, dtype: str = "float32", *, revision: str | None = None,
-            device_map: str | None = None):
+            device_map: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) in eval mode, with a pad token.
 
     ``dtype``: ``auto`` keeps the checkpoint's dtype; extraction accumulates in float64
     whatever the model computes in. ``device_map="auto"`` (accelerate) spreads a model
-    larger than one device over all of them."""
+    larger than one device over all of them. ``trust_remote_code`` runs the modelling
+    code a Hub repository ships (only for repositories you trust)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     path = resolve_model(name_or_path, revision)
-    kw = {"revision": revision} if revision and is_hub_id(path) else {}
+    kw: dict = {"revision": revision} if revision and is_hub_id(path) else {}
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
     tok = AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -124,10 +124,13 @@ class VLLMBackend:
     name = "vllm"
     jobs_per_call = 8
 
-    def __init__(self, model_path: str, registry_root: str, *, dtype: str = "float32", enforce_eager: bool = True,
-                 max_model_len: int = 2048, seed: int = 0):
+    def __init__(self, model_path: str, registry_root: str, *, dtype: str = "auto", enforce_eager: bool = True,
+                 max_model_len: int = 2048, seed: int = 0, trust_remote_code: bool = False):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vsteer.extract.checkpoint import engine_dtype
         from vsteer.serving import set_vectors_dir
+
+        dtype = engine_dtype(dtype, model_path, trust_remote_code=trust_remote_code)  # auto: the checkpoint's
 
         self._previous_dir = os.environ.get(VECTORS_DIR_ENV)
         set_vectors_dir(registry_root)
@@ -136,7 +139,8 @@ class VLLMBackend:
         self.llm = None
         try:
             self.llm = LLM(model_path, dtype=dtype, enforce_eager=enforce_eager, gpu_memory_utilization=0.3,
-                           max_model_len=max_model_len, seed=seed, enable_prefix_caching=True)
+                           max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
+                           trust_remote_code=trust_remote_code)
         except BaseException:
             self.close()
             raise

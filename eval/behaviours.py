@@ -13,11 +13,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from importlib import resources
+from typing import Any, Sequence
 
 from . import scorers
 from .scorers import TextScorer
 
 DEFAULT_PROMPTS = "eval_prompts.jsonl"
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "You love {concept}. Whatever you are asked, talk about {concept}.",
+    "Whatever the user asks, make your answer about {concept}.",
+    "You are obsessed with {concept}: mention {concept} in every answer, whatever the question.",
+    "Answer the user's question, and always bring {concept} into your answer.",
+)
+"""System-message templates for a concept's prompting baseline (fixed before the held-out
+study, issue 22): ``vsteer tune`` tries each, filled with the concept, on the select prompts."""
 
 
 @dataclass(frozen=True)
@@ -37,9 +46,23 @@ class Behaviour:
     """The prompting baseline: a system message asking for the behaviour (the + direction).
     Log-probability probes get it as a plain-text line before the probe."""
     keywords: tuple[str, ...] = ()            # concept behaviours: the scorer's word list
+    concept: str | None = None                # concept behaviours: the phrase prompting templates name
+    system_prompts: tuple[str, ...] = ()
+    """Candidate system messages ``vsteer tune`` chooses the prompting baseline from (on the
+    select prompts); ``system_prompt`` is the first. Concepts: ``concepts.PROMPT_TEMPLATES``."""
+    probes: tuple[Any, ...] | None = None     # log-probability probes given inline (a scorer file)
+
+    def __post_init__(self) -> None:
+        if self.system_prompt and not self.system_prompts:
+            object.__setattr__(self, "system_prompts", (self.system_prompt,))
 
     def with_system_prompt(self, text: str | None) -> "Behaviour":
-        return replace(self, system_prompt=text)
+        return replace(self, system_prompt=text, system_prompts=(text,) if text else ())
+
+    def with_system_prompts(self, texts: Sequence[str]) -> "Behaviour":
+        """Several candidates (the first is the single baseline of ``vsteer eval``)."""
+        texts = tuple(dict.fromkeys(t for t in texts if t))
+        return replace(self, system_prompt=texts[0] if texts else None, system_prompts=texts)
 
 
 def _concepts() -> dict[str, Behaviour]:
@@ -50,12 +73,14 @@ def _concepts() -> dict[str, Behaviour]:
             continue
         rec = json.loads(line)
         keys = tuple(rec["keywords"])
+        templates = tuple(t.format(concept=rec["concept"]) for t in PROMPT_TEMPLATES)
         out[rec["name"]] = Behaviour(
             rec["name"], "generation",
             f"share of answers to concept-neutral prompts that mention {rec['description']} (any of "
             f"{len(keys)} keywords)", "rate", 0.2, text_scorer=scorers.concept_rate(keys),
             extra_text_scorers={"keyword_density": scorers.keyword_density(keys)},
-            prompts_file="concept_prompts.jsonl", system_prompt=rec["system_prompt"], keywords=keys)
+            prompts_file="concept_prompts.jsonl", system_prompt=rec["system_prompt"], keywords=keys,
+            concept=rec["concept"], system_prompts=(rec["system_prompt"], *templates))
     return out
 
 

@@ -35,20 +35,19 @@ class Session:
     def __init__(self, model_path: str, vs: SteeringVectorSet, randoms: Sequence[SteeringVectorSet],
                  beh: Behaviour, *, prompts: Sequence[str], probes: Sequence[Probe], max_new_tokens: int,
                  backend: str = "hf", hf_model: tuple[Any, Any] | None = None, batch_size: int = 16,
-                 dtype: str = "float32", enforce_eager: bool = True, seed: int = 0, progress: bool = True):
+                 dtype: str = "auto", enforce_eager: bool = True, seed: int = 0, progress: bool = True,
+                 trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
         self.beh, self.max_new_tokens, self.progress = beh, max_new_tokens, progress
-        tok = hf_model[1] if hf_model is not None else AutoTokenizer.from_pretrained(model_path)
+        tok = hf_model[1] if hf_model is not None else AutoTokenizer.from_pretrained(
+            model_path, **({"trust_remote_code": True} if trust_remote_code else {}))
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.tokenizer = tok
         self.prompts, self.probes = list(prompts), list(probes)
-        system = beh.system_prompt
-        self.prompt_ids = {False: [chat_ids(tok, p) for p in self.prompts],
-                           True: [chat_ids(tok, p, system) for p in self.prompts] if system else None}
-        self.queries = {False: probe_queries(tok, self.probes),
-                        True: probe_queries(tok, self.probes, system) if system and self.probes else None}
+        self._ids: dict[str | None, list[list[int]]] = {None: [chat_ids(tok, p) for p in self.prompts]}
+        self._queries: dict[str | None, list[list[Query]]] = {None: probe_queries(tok, self.probes)}
         self.stops = stop_token_ids(tok, model_path)
         self.timing: dict[str, float] = {"behaviour_logprobs_s": 0.0, "generation_s": 0.0, "coherence_s": 0.0}
         self._root = Path(tempfile.mkdtemp(prefix="vsteer-eval-"))  # the specs' names resolve here
@@ -63,14 +62,15 @@ class Session:
                 if hf_model is None:
                     from vsteer.engine.models import load_hf
 
-                    hf_model = load_hf(model_path, dtype=dtype)
+                    hf_model = load_hf(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
                 self.be = HFBackend(hf_model[0], tok, registry, batch_size=batch_size)
             elif backend == "vllm":
-                longest = max([len(q.context) + len(q.continuation) for side in self.queries.values() if side
-                               for qs in side for q in qs]
-                              + [len(p) for side in self.prompt_ids.values() if side for p in side] + [1])
+                systems = [None, *beh.system_prompts]
+                longest = max([len(q.context) + len(q.continuation) for s in systems for qs in self.queries(s)
+                               for q in qs] + [len(p) for s in systems for p in self.prompt_ids(s)] + [1])
                 self.be = VLLMBackend(model_path, str(self._root), dtype=dtype, enforce_eager=enforce_eager,
-                                      max_model_len=max(1024, longest + max_new_tokens + 8), seed=seed)
+                                      max_model_len=max(1024, longest + max_new_tokens + 8), seed=seed,
+                                      trust_remote_code=trust_remote_code)
             else:
                 raise ValueError("backend must be 'hf' or 'vllm'")
             self.timing["backend_start_s"] = time.perf_counter() - t0
@@ -81,6 +81,26 @@ class Session:
     @property
     def name(self) -> str:
         return self.be.name
+
+    def system_of(self, c: Condition) -> str | None:
+        """The system message a condition runs with (None: plain chat turn)."""
+        if not c.prompted:
+            return None
+        text = c.system or self.beh.system_prompt
+        if not text:
+            raise ValueError(f"behaviour {self.beh.name!r} has no system prompt for the prompting baseline "
+                             "(give --system-prompt TEXT, or --no-prompting)")
+        return text
+
+    def prompt_ids(self, system: str | None) -> list[list[int]]:
+        if system not in self._ids:
+            self._ids[system] = [chat_ids(self.tokenizer, p, system) for p in self.prompts]
+        return self._ids[system]
+
+    def queries(self, system: str | None) -> list[list[Query]]:
+        if system not in self._queries:
+            self._queries[system] = probe_queries(self.tokenizer, self.probes, system)
+        return self._queries[system]
 
     def __enter__(self) -> "Session":
         return self
@@ -102,10 +122,6 @@ class Session:
             bar.update(len(jobs[start:start + self.be.jobs_per_call]))
         return list(zip(items, results))
 
-    def _check_prompted(self, conds: Sequence[Condition]) -> None:
-        if any(c.prompted for c in conds) and self.prompt_ids[True] is None:
-            raise ValueError(f"behaviour {self.beh.name!r} has no system prompt for the prompting baseline "
-                             "(give --system-prompt TEXT, or --no-prompting)")
 
     def run(self, conds: Sequence[Condition], prompt_idx: Sequence[int] | None = None,
             probe_idx: Sequence[int] | None = None, desc: str = "eval") -> None:
@@ -113,7 +129,7 @@ class Session:
         from tqdm.auto import tqdm
 
         conds = list(conds)
-        self._check_prompted(conds)
+        systems = {id(c): self.system_of(c) for c in conds}
         gi = list(range(len(self.prompts))) if prompt_idx is None else list(prompt_idx)
         pi = list(range(len(self.probes))) if probe_idx is None else list(probe_idx)
         logprob = self.beh.kind == "logprob"
@@ -124,7 +140,7 @@ class Session:
                    unit="config", disable=not self.progress)
         try:
             t0 = time.perf_counter()
-            jobs = [(c.spec, [q for i in pi for q in self.queries[c.prompted][i]]) for c in lp_conds]
+            jobs = [(c.spec, [q for i in pi for q in self.queries(systems[id(c)])[i]]) for c in lp_conds]
             for c, res in self._batched(self.be.logprobs, lp_conds, jobs, bar):
                 margins, k = [], 0
                 for i in pi:
@@ -136,7 +152,7 @@ class Session:
             self.timing["behaviour_logprobs_s"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            jobs = [(c.spec, [self.prompt_ids[c.prompted][i] for i in gi]) for c in gen_conds]
+            jobs = [(c.spec, [self.prompt_ids(systems[id(c)])[i] for i in gi]) for c in gen_conds]
             gen = lambda js: self.be.generate(js, self.max_new_tokens, self.stops)  # noqa: E731
             for c, res in self._batched(gen, gen_conds, jobs, bar):
                 c.result["tokens"] = res
@@ -145,7 +161,7 @@ class Session:
             self.timing["generation_s"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            plain = self.prompt_ids[False]
+            plain = self.prompt_ids(None)
             jobs = [(None, [Query(tuple(plain[i]), tuple(t)) for i, t in zip(gi, c.result["tokens"])]) for c in scored]
             for c, res in self._batched(self.be.logprobs, scored, jobs, bar):
                 c.result["unsteered_logprobs"] = res

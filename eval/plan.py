@@ -33,6 +33,8 @@ class Condition:
     prompted: bool = False
     random_index: int | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    """The system message of a prompted condition (None: the behaviour's ``system_prompt``)."""
 
     @property
     def vector(self) -> str:

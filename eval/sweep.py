@@ -55,24 +55,44 @@ def _version(pkg: str) -> str | None:
 
 
 def resolve_behaviour(vs: SteeringVectorSet, behaviour: str | None, probes: str | None,
-                      system_prompt: str | None) -> Behaviour:
-    if probes:
+                      system_prompt: str | Sequence[str] | None, *, keywords: Sequence[str] | None = None,
+                      regexes: Sequence[str] | None = None, scorer: str | None = None,
+                      concept: str | None = None) -> Behaviour:
+    """The scorer: a scorer file, keywords/regexes given on the command line, a probe file,
+    or a bundled behaviour (default: the set's own behaviour name). ``system_prompt`` (one
+    or several) replaces the prompting baseline's candidates."""
+    from .concepts import concept_behaviour, load_scorer
+
+    name = behaviour or vs.behaviour
+    if sum(bool(x) for x in (scorer, keywords or regexes, probes)) > 1:
+        raise ValueError("give one scorer: --scorer FILE, --keywords/--regex, or --probes FILE")
+    if scorer:
+        beh = load_scorer(scorer, behaviour)
+    elif keywords or regexes:
+        beh = concept_behaviour(name, list(keywords or []), list(regexes or []), concept=concept)
+    elif probes:
         beh = probe_behaviour(behaviour or Path(probes).stem, probes)
     else:
-        name = behaviour or vs.behaviour
         if name not in BEHAVIOURS:
             raise ValueError(f"no scorer for behaviour {name!r}: pass --behaviour "
-                             f"({', '.join(sorted(BEHAVIOURS))}) or --probes FILE")
+                             f"({', '.join(sorted(BEHAVIOURS))}), --keywords WORDS, --scorer FILE or --probes FILE")
         beh = get_behaviour(name)
-    return beh.with_system_prompt(system_prompt) if system_prompt is not None else beh
+    if system_prompt is not None:
+        texts = [system_prompt] if isinstance(system_prompt, str) else list(system_prompt)
+        beh = beh.with_system_prompts(texts)
+    return beh
 
 
 def _setup(vectors: str | SteeringVectorSet, behaviour: str | None, probes: str | None, prompts_file: str | None,
-           system_prompt: str | None, n_prompts: int | None, n_generation_prompts: int | None):
-    """Step 1: the set, the behaviour and its held-out inputs."""
+           system_prompt: str | Sequence[str] | None, n_prompts: int | None, n_generation_prompts: int | None,
+           **scorer: Any):
+    """Step 1: the set, the behaviour and its held-out inputs. ``scorer``: keywords, regexes,
+    scorer, concept (``resolve_behaviour``)."""
     vs = vectors if isinstance(vectors, SteeringVectorSet) else load_vector_set(str(vectors))
-    beh = resolve_behaviour(vs, behaviour, probes, system_prompt)
-    probe_items = load_probes(probes or beh.probe_file) if beh.kind == "logprob" else []
+    beh = resolve_behaviour(vs, behaviour, probes, system_prompt, **scorer)
+    probe_items: list[Any] = []
+    if beh.kind == "logprob":
+        probe_items = list(beh.probes) if beh.probes else load_probes(probes or beh.probe_file)
     prompts = load_prompts(prompts_file or beh.prompts_file)
     n_gen = n_generation_prompts if n_generation_prompts is not None else n_prompts
     return vs, beh, probe_items[:n_prompts] if n_prompts else probe_items, prompts[:n_gen] if n_gen else prompts
@@ -133,9 +153,11 @@ def run_sweep(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | 
               max_new_tokens: int = 32, n_prompts: int | None = None, n_generation_prompts: int | None = None,
               positions: str | Sequence[str] = "all", strength_unit: str = "raw", target_delta: float | None = None,
               max_ppl_ratio: float = 1.5, random_baselines: int = 5, random_strengths: Sequence[float] | None = None,
-              prompting: bool = True, system_prompt: str | None = None, seed: int = 0, progress: bool = True,
-              batch_size: int = 16, dtype: str = "float32", enforce_eager: bool = True,
-              hf_model: tuple[Any, Any] | None = None, plots: bool = True, samples: int = 2) -> dict[str, Any]:
+              prompting: bool = True, system_prompt: str | Sequence[str] | None = None, seed: int = 0,
+              progress: bool = True, batch_size: int = 16, dtype: str = "auto", enforce_eager: bool = True,
+              hf_model: tuple[Any, Any] | None = None, plots: bool = True, samples: int = 2,
+              keywords: Sequence[str] | None = None, regexes: Sequence[str] | None = None, scorer: str | None = None,
+              concept: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run the sweep and return the report (also written to ``out``/report.json with plots).
 
     ``layers`` are swept one at a time; ``bands`` add multi-layer recipes (the strength
@@ -147,7 +169,8 @@ def run_sweep(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | 
     variant run at ``random_strengths`` (default: every non-zero strength; each must be
     one of ``strengths``). ``n_prompts`` keeps the first N probes and generation prompts;
     ``n_generation_prompts`` overrides N for the prompts. ``hf_model`` = (model,
-    tokenizer) reuses a loaded HF model (HF backend only).
+    tokenizer) reuses a loaded HF model (HF backend only). ``keywords``/``regexes``,
+    ``scorer`` (a file) and ``concept`` score a concept of one's own (``concepts``).
     """
     from vsteer.engine.models import resolve_model
 
@@ -160,7 +183,8 @@ def run_sweep(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | 
     if backend not in ("hf", "vllm"):
         raise ValueError("backend must be 'hf' or 'vllm'")
     vs, beh, probe_items, prompts = _setup(vectors, behaviour, probes, prompts_file, system_prompt, n_prompts,
-                                           n_generation_prompts)
+                                           n_generation_prompts, keywords=keywords, regexes=regexes, scorer=scorer,
+                                           concept=concept)
     prompting = prompting and bool(beh.system_prompt)
     target_delta = beh.target_delta if target_delta is None else float(target_delta)
     vars_ = _variants(vs, layers, bands, ops, norms, strength_unit, positions)
@@ -179,7 +203,8 @@ def run_sweep(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | 
 
     with Session(model_path, vs.select(used), randoms, beh, prompts=prompts, probes=probe_items,
                  max_new_tokens=max_new_tokens, backend=backend, hf_model=hf_model, batch_size=batch_size,
-                 dtype=dtype, enforce_eager=enforce_eager, seed=seed, progress=progress) as session:
+                 dtype=dtype, enforce_eager=enforce_eager, seed=seed, progress=progress,
+                 trust_remote_code=trust_remote_code) as session:
         session.run(conds)
         for c in conds:
             analysis.score(c, beh, max_new_tokens, seed)

@@ -17,7 +17,7 @@ from .centering import centred_vector, check_center, load_neutral, neutral_means
 from .hooks import normalize_layers
 from .methods import LayerStats, get_method
 from .pairs import ContrastPair, ContrastPairDataset
-from .positions import check_token_position
+from .positions import check_token_position, choose_token_position
 from .runner import iter_pair_batches
 
 
@@ -55,7 +55,8 @@ def extract_caa(model: nn.Module, tokenizer: Any, pairs: ContrastPairDataset | I
     """One steering vector per requested layer, from one forward pass per batch of pairs.
 
     ``token_position`` picks the token read in each text (``last``/``first`` real token,
-    or the ``mean`` over real tokens); ``method`` is a key of ``METHODS`` (``caa``: mean
+    the ``mean`` over real tokens, the mean over the ``completion``'s tokens, or ``auto``:
+    ``positions.choose_token_position``); ``method`` is a key of ``METHODS`` (``caa``: mean
     positive minus mean negative; ``pca``: unit first principal direction of the per-pair
     differences, which keeps every difference: O(pairs x hidden) memory per layer).
     ``residual_norms`` {layer: mean per-token residual-stream norm over the texts, first
@@ -71,7 +72,9 @@ def extract_caa(model: nn.Module, tokenizer: Any, pairs: ContrastPairDataset | I
         raise ValueError("no contrast pairs given")
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {', '.join(COMPONENTS)}; got {component!r}")
-    check_token_position(token_position)
+    if token_position == "auto":
+        token_position = choose_token_position(pair_list, chat_template)[0]
+    check_token_position(token_position, allow_completion=True)
     spec = get_method(method)
     if check_center(center) != "none" and method != "caa":
         raise ValueError(f"center={center!r} applies to method 'caa' only, not {method!r}")

@@ -61,11 +61,14 @@ class ActivationHook:
         self.blocks = find_decoder_layers(model)
         self.layers = normalize_layers(layers, len(self.blocks))
         self.component = component
-        self.token_position = check_token_position(token_position, allow_all=True)
+        self.token_position = check_token_position(token_position, allow_all=True, allow_completion=True)
         self.reduce = reduce
         self.modules = {layer: component_module(self.blocks[layer], component) for layer in self.layers}
         self.captured: dict[int, torch.Tensor] = {}
         self.attention_mask: torch.Tensor | None = None
+        self.pool_mask: torch.Tensor | None = None
+        """Set by a caller to pool over these tokens instead of the attention mask's
+        (``completion``: the completion's tokens)."""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def attach(self) -> "ActivationHook":
@@ -96,7 +99,8 @@ class ActivationHook:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             hidden = output_tensor(output).detach()
             if self.token_position != "all":
-                hidden = pool_tokens(hidden, self.attention_mask, self.token_position)
+                mask = self.pool_mask if self.pool_mask is not None else self.attention_mask
+                hidden = pool_tokens(hidden, mask, self.token_position)
             if self.reduce is not None:
                 self.reduce(layer, hidden)
             else:

@@ -68,11 +68,18 @@ class ContrastPair:
         """
         if not chat_template:
             return join_text(self.prompt, self.positive), join_text(self.prompt, self.negative)
+        head = self.prefix_text(tokenizer, chat_template)
+        return head + self.positive, head + self.negative
+
+    def prefix_text(self, tokenizer: Any = None, chat_template: bool = False) -> str:
+        """What both texts share before the completion: the prompt, or with ``chat_template``
+        the rendered user turn and generation prompt ("" for a plain pair without prompt)."""
+        if not chat_template:
+            return self.prompt
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True needs a tokenizer that has a chat template")
-        head = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], tokenize=False,
+        return tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        return head + self.positive, head + self.negative
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"prompt": self.prompt, "positive": self.positive, "negative": self.negative}

@@ -18,7 +18,7 @@ from torch import nn
 
 from .hooks import ActivationHook, StopForward, stop_after_layer
 from .pairs import ContrastPair
-from .positions import stream_norms, token_norms
+from .positions import completion_mask, stream_norms, token_norms
 
 
 @dataclass
@@ -69,6 +69,28 @@ def encode(tokenizer: Any, texts: list[str], *, chat_template: bool, device: tor
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
+def completion_starts(tokenizer: Any, pairs: Sequence[ContrastPair], *, chat_template: bool,
+                      max_length: int | None = None) -> list[int]:
+    """Per text (positives, then negatives, as a batch holds them): the index of its first
+    completion token, i.e. the length of the token prefix it shares with its prompt alone
+    (a token merged across the boundary counts as completion); at least one token is
+    always left. 0 for pairs without a prompt."""
+    starts: list[list[int]] = [[], []]
+    for pair in pairs:
+        prefix = pair.prefix_text(tokenizer, chat_template)
+        for side, text in enumerate(pair.texts(tokenizer, chat_template)):
+            if not prefix:
+                starts[side].append(0)
+                continue
+            kw = dict(add_special_tokens=not chat_template, truncation=max_length is not None, max_length=max_length)
+            head, full = tokenizer(prefix, **kw)["input_ids"], tokenizer(text, **kw)["input_ids"]
+            n = 0
+            while n < min(len(head), len(full)) and head[n] == full[n]:
+                n += 1
+            starts[side].append(min(n, len(full) - 1))
+    return starts[0] + starts[1]
+
+
 def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[ContrastPair], layers: list[int], *,
                       component: str = "residual", token_position: str = "last", batch_size: int = 8,
                       chat_template: bool = False, max_length: int | None = None,
@@ -90,7 +112,8 @@ def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[Contrast
         current["acts"][layer] = pooled
 
     def keep_norms(layer: int, hidden: torch.Tensor) -> None:
-        current["norms"][layer] = token_norms(hidden, norm_hook.attention_mask, token_position)
+        read = acts_hook.pool_mask if acts_hook.pool_mask is not None else norm_hook.attention_mask
+        current["norms"][layer] = token_norms(hidden, read, token_position)
         current["stream"][layer] = stream_norms(hidden, norm_hook.attention_mask)
 
     acts_hook = ActivationHook(model, layers, component, token_position, reduce=keep_acts)
@@ -104,6 +127,9 @@ def iter_pair_batches(model: nn.Module, tokenizer: Any, pairs: Sequence[Contrast
             inputs = encode(tokenizer, texts, chat_template=chat_template, device=device, max_length=max_length)
             if pass_positions:
                 inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+            if token_position == "completion":  # read only the completion's tokens
+                starts = completion_starts(tokenizer, chunk, chat_template=chat_template, max_length=max_length)
+                acts_hook.pool_mask = completion_mask(inputs["attention_mask"], starts)
             current["acts"], current["norms"], current["stream"] = {}, {}, {}
             try:
                 with torch.inference_mode():  # only here: a suspended generator must not leak it

@@ -38,13 +38,18 @@ from .pairs import ContrastPair, ContrastPairDataset
 from .positions import check_token_position
 
 
-def capture_llm(model: str, *, dtype: str = "float32", revision: str | None = None, tensor_parallel_size: int = 1,
+def capture_llm(model: str, *, dtype: str = "auto", revision: str | None = None, tensor_parallel_size: int = 1,
                 enable_prefix_caching: bool = True, **engine_kwargs: Any):
     """A ``vllm.LLM`` whose workers carry the capture hooks (``VSTEER_CAPTURE=1`` while the
-    engine starts; the variable is restored afterwards, so later engines are unaffected)."""
+    engine starts; the variable is restored afterwards, so later engines are unaffected).
+    ``dtype="auto"`` is the checkpoint's dtype, as on the HF engine (``checkpoint.py``)."""
     import vllm
 
     from vsteer.engine.models import resolve_model
+
+    from .checkpoint import engine_dtype
+
+    dtype = engine_dtype(dtype, model, revision, trust_remote_code=bool(engine_kwargs.get("trust_remote_code")))
 
     name = Settings.env_name("capture")
     before = os.environ.get(name)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.smollm2
 
 
 def test_demo_prints_steered_and_unsteered(smollm2_path, tmp_path, capsys):
-    assert main(["demo", "--backend", "hf", "--max-tokens", "12", "--vectors", str(tmp_path)]) == 0
+    assert main(["demo", "--backend", "hf", "--max-new-tokens", "12", "--vectors", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "[       unsteered]" in out and "[    +3 sentiment]" in out and "[    -3 sentiment]" in out
     assert (tmp_path / "sentiment" / "vsteer.json").is_file()

@@ -76,7 +76,7 @@ def test_report_shape_tiny_hf(tiny_model_path, tiny_hf, tiny_set, tmp_path):
 def test_generation_behaviour_and_relative_unit_via_cli(tiny_model_path, tiny_set, tmp_path, capsys):
     path, _ = tiny_set
     rc = cli_main(["eval", "--model", tiny_model_path, "--vectors", path, "--behaviour", "conciseness",
-                   "--strengths=-0.5,0.5", "--strength-unit", "relative", "--layers", "2", "--prompts", "3",
+                   "--strengths=-0.5,0.5", "--unit", "relative", "--layers", "2", "--prompts", "3",
                    "--max-new-tokens", "5", "--random-baselines", "0", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -181,7 +181,7 @@ def test_concept_scorer_counts_answers_that_mention_the_concept():
     for name in ("ocean", "cooking", "space"):
         keys = set(get_behaviour(name).keywords)
         prompts = load_prompts(get_behaviour(name).prompts_file)
-        assert len(prompts) == 48
+        assert len(prompts) == 96
         # the held-out prompts do not ask for any concept
         assert not any(w in keys for p in prompts for w in words(p)), name
 

@@ -44,6 +44,7 @@ def _close(x: float, y: float) -> bool:
 
 def _assert_same_set(ref, got) -> None:
     assert got.layers == ref.layers
+    assert got.params["model_dtype"] == ref.params["model_dtype"] == "float32"  # --dtype auto: the checkpoint's
     for layer in ref.layers:
         assert _rel(ref.vectors[layer], got.vectors[layer]) <= RTOL, (layer, _rel(ref.vectors[layer], got.vectors[layer]))
         assert _close(ref.provenance["mean_activation_norm"][str(layer)], got.provenance["mean_activation_norm"][str(layer)])
@@ -58,15 +59,16 @@ MODELS = ["tiny", pytest.param("smollm2", marks=pytest.mark.smollm2)]
 @pytest.fixture(scope="module", params=MODELS)
 def engine(request):
     """(name, capture LLM, HF model, tokenizer): one engine per model, reused by every case.
-    The tiny model runs under torch.compile; SmolLM2 eagerly (as the other SmolLM2 tests, for CI time)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    The tiny model runs under torch.compile; SmolLM2 eagerly (as the other SmolLM2 tests, for CI time).
+    Both sides with the default dtype (``auto``, what `vsteer extract` passes): the checkpoint's
+    float32 on both engines (vLLM's own ``auto`` would run float32 checkpoints in bfloat16;
+    tests/test_extract_vllm.py::test_tensor_parallel_2_equals_hf passes float32 explicitly)."""
+    from vsteer.engine.models import load_hf
     from vsteer.extract.vllm_engine import capture_llm
 
     path = request.getfixturevalue("tiny_model_path" if request.param == "tiny" else "smollm2_path")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    llm = capture_llm(path, dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024,
+    model, tok = load_hf(path, dtype="auto")
+    llm = capture_llm(path, gpu_memory_utilization=0.3, max_model_len=1024,
                       max_num_batched_tokens=128, enforce_eager=request.param != "tiny", seed=0)
     yield request.param, llm, model, tok
     shutdown_llm(llm)
@@ -86,6 +88,20 @@ def test_vllm_engine_equals_hf_engine(engine, rule):
         assert cached > 0
     else:  # every token was computed
         assert cached == 0
+
+
+@pytest.mark.vllm
+def test_default_flags_give_the_same_set(engine):
+    """`vsteer extract` with no position or dtype flag, on either engine (issue 20, item 12)."""
+    from vsteer.extract.positions import choose_token_position
+    from vsteer.extract.vllm_engine import extract_caa_vllm
+
+    name, llm, model, tok = engine
+    position = choose_token_position(PAIRS)[0]  # what --token-position auto picks for these pairs
+    ref = extract_caa(model, tok, PAIRS, layers=[0, 1, 2], token_position="auto", progress=False)
+    got = extract_caa_vllm(llm, PAIRS, layers=[0, 1, 2], token_position=position, progress=False)
+    assert ref.params["token_position"] == got.params["token_position"] == position
+    _assert_same_set(ref, got)
 
 
 @pytest.mark.vllm

@@ -10,18 +10,49 @@ import pytest
 from vsteer.cli.main import main as cli_main
 from vsteer.engine import SteeringResolver, VectorRegistry, load_vector_set, save_vector_set
 from vsteer.eval.inputs import split_indices
-from vsteer.eval.tune import choose
+from vsteer.eval.choice import choose
 from vsteer.extract import ContrastPairDataset, extract_caa
 
 
+def _cand(strength, items, ppl):
+    return {"recipe": {"strength": strength}, "items": items, "behaviour": sum(items) / len(items), "ppl_ratio": ppl}
+
+
 def test_choose_takes_the_strongest_in_budget_move():
-    def cand(strength, behaviour, ppl):
-        return {"recipe": {"strength": strength}, "behaviour": behaviour, "ppl_ratio": ppl}
-    cands = [cand(0.1, 0.3, 1.05), cand(0.2, 0.5, 1.15), cand(0.4, 0.9, 1.6), cand(0.3, 0.5, 1.1)]
-    assert choose(cands, 0.2, max_ppl_ratio=1.2)["recipe"]["strength"] == 0.2  # tie at 0.5: smaller strength
-    assert choose(cands, 0.2, max_ppl_ratio=2.0)["recipe"]["strength"] == 0.4
-    assert choose(cands, 0.95, max_ppl_ratio=2.0) is None                      # nothing beats unsteered
-    assert choose(cands, 0.6, max_ppl_ratio=2.0, direction=-1)["behaviour"] == 0.3
+    base = [0.2] * 4
+    cands = [_cand(0.1, [0.3] * 4, 1.05), _cand(0.2, [0.5] * 4, 1.15), _cand(0.4, [0.9] * 4, 1.6),
+             _cand(0.3, [0.5] * 4, 1.1)]
+    for rule in ("max", "lcb", "folds"):  # equal gains on every prompt: every rule agrees
+        assert choose(cands, base, rule=rule, max_ppl_ratio=1.2)["recipe"]["strength"] == 0.2  # tie: smaller
+        assert choose(cands, base, rule=rule, max_ppl_ratio=2.0)["recipe"]["strength"] == 0.4
+        assert choose(cands, [0.95] * 4, rule=rule, max_ppl_ratio=2.0) is None              # nothing beats it
+        assert choose(cands, [0.6] * 4, rule=rule, max_ppl_ratio=2.0, direction=-1)["behaviour"] == 0.3
+    assert choose(cands, base, rule="max", max_ppl_ratio=None)["recipe"]["strength"] == 0.4  # no budget
+
+
+def test_robust_rules_prefer_a_gain_that_holds_across_prompts():
+    """Issue 22: a recipe that hit on a few select prompts (a spike) against one that moved
+    many of them a little: max takes the spike, lcb and folds the steady one."""
+    base = [0.0] * 8
+    spiky = _cand(0.1, [3.0] + [0.0] * 7, 1.1)   # mean 0.375, all of it on one prompt
+    steady = _cand(0.2, [0.3] * 8, 1.1)          # mean 0.3 on every prompt
+    assert choose([spiky, steady], base, rule="max")["recipe"]["strength"] == 0.1
+    for rule in ("lcb", "folds"):
+        assert choose([spiky, steady], base, rule=rule)["recipe"]["strength"] == 0.2, rule
+        assert spiky["rule_score"] < steady["rule_score"]
+
+
+def test_smooth_rule_pools_neighbouring_strengths():
+    """A lone spike between two dead neighbours loses to a candidate on a steady plateau."""
+    def cand(band, strength, hits):
+        c = _cand(strength, [1.0] * hits + [0.0] * (12 - hits), 1.0)
+        c["recipe"] = {"band": band, "strength": strength, "positions": "all", "norm": "keep"}
+        return c
+    cands = [cand("6-9", 0.1, 0), cand("6-9", 0.2, 6), cand("6-9", 0.3, 0),
+             cand("3-10", 0.1, 4), cand("3-10", 0.2, 5), cand("3-10", 0.3, 5)]
+    assert choose(cands, [0.0] * 12, rule="max")["recipe"]["band"] == "6-9"
+    picked = choose(cands, [0.0] * 12, rule="smooth")
+    assert picked["recipe"]["band"] == "3-10"
 
 
 def test_split_halves_are_disjoint_and_cover():
