@@ -227,11 +227,10 @@ def units(stage: str, only: list[str] | None) -> list[tuple]:
         out += [("dev", c, "bipo") for c in DEV_BIPO if not only or c in only]
         out += [("devz", c, "caa") for c in DEV if not only or c in only]
         out += [("devz", c, "bipo") for c in DEV_BIPO if not only or c in only]
-    if stage in ("heldout", "all"):
-        for c in heldout_names():
-            if not only or c in only:
-                out += [("heldout", c, m, "auto") for m in METHODS]
-                out += [("heldout", c, "caa", p) for p in OTHER_POSITIONS]
+    if stage in ("heldout", "all"):  # method by method over the concepts: a time budget gets whole methods first
+        names = [c for c in heldout_names() if not only or c in only]
+        out += [("heldout", c, m, "auto") for m in METHODS for c in names]
+        out += [("heldout", c, "caa", p) for p in OTHER_POSITIONS for c in names]
     return out
 
 

@@ -11,9 +11,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the session's shared SmolLM2 server run together at the end (its engine is
-    started once, late, and holds no memory or CPU while the other engines run), and the
-    ones that stop it run last. The sort is stable: file order otherwise."""
+    """Opt-in checks (``@pytest.mark.opt_in("ROUTER_CHECK")``: longer than CI's budget allows,
+    run by their own ``make`` target) are deselected, not skipped, unless their variable is
+    1: ``make test`` reports only tests that ran. Tests on the session's shared SmolLM2
+    server run together at the end (its engine is started once, late, and holds no memory
+    or CPU while the other engines run), and the ones that stop it run last. The sort is
+    stable: file order otherwise."""
+    def opted_out(item) -> bool:
+        marker = item.get_closest_marker("opt_in")
+        return marker is not None and os.environ.get(marker.args[0]) != "1"
+
+    dropped = [item for item in items if opted_out(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not opted_out(item)]
+
     def key(item) -> tuple[bool, bool]:
         return ("smollm2_server" in getattr(item, "fixturenames", ()),
                 item.get_closest_marker("stops_shared_server") is not None)

@@ -775,8 +775,7 @@ def test_vllm_metric_names_exist():
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.skipif(os.environ.get("READONLY_CHECK") != "1",
-                    reason="two engine starts (~3 min): `make readonly-check` runs it (READONLY_CHECK=1)")
+@pytest.mark.opt_in("READONLY_CHECK")  # two engine starts (~3 min): `make readonly-check`
 def test_server_runs_on_a_read_only_root(tiny_model_path, tmp_path, mode):
     """`vsteer serve` as the manifest's uid, no capabilities, no_new_privs, with the root
     filesystem read-only and only the base Deployment's writable mounts writable (each a

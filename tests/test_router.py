@@ -41,8 +41,7 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.vllm,
-              pytest.mark.skipif(os.environ.get("ROUTER_CHECK") != "1",
-                                 reason="two extra engines (~3 min): `make router-check` runs it (ROUTER_CHECK=1)")]
+              pytest.mark.opt_in("ROUTER_CHECK")]  # two extra engines (~3 min): `make router-check`
 
 MODEL = "tiny-llama"
 HIDDEN, LAYERS = 128, 4                  # engine.models.build_tiny_llama's defaults

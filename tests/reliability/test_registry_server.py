@@ -57,11 +57,11 @@ def test_a_held_registry_lock_stalls_no_steered_request(smollm2_server, held_loc
 def test_admin_writes_answer_503_while_another_replica_holds_the_lock(smollm2_server, held_lock):
     import httpx
 
-    start = time.monotonic()
-    r = httpx.delete(f"{smollm2_server.url}/v1/steering/vectors/happy", headers=smollm2_server.admin_headers(),
+    start = time.monotonic()  # "formal": no steered model uses it (one that did would be a 409 first)
+    r = httpx.delete(f"{smollm2_server.url}/v1/steering/vectors/formal", headers=smollm2_server.admin_headers(),
                      timeout=120)
     took = time.monotonic() - start
     assert r.status_code == 503 and r.json()["error"]["code"] == "registry_busy", r.text
     assert took < HOLD - 5, took  # gave up (VSTEER_REGISTRY_LOCK_TIMEOUT_S), did not wait the lock out
-    assert "happy" in [e["name"] for e in httpx.get(f"{smollm2_server.url}/v1/steering/vectors",
+    assert "formal" in [e["name"] for e in httpx.get(f"{smollm2_server.url}/v1/steering/vectors",
                                                     timeout=30).json()["data"]]
