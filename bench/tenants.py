@@ -159,8 +159,8 @@ def run_server(args, budget: str, shape, work: Path) -> dict:
                     for r in range(args.rounds):
                         for attack in C.rotated([False, True], r):
                             got = asyncio.run(phase(port, args.model, steering, mode, attack, shape, args))
-                            results.append({"budget": budget, "victim": steering_name, "mode": mode, "round": r,
-                                            "attack": attack, **got})
+                            results.append({**got, "budget": budget, "victim_steering": steering_name, "mode": mode,
+                                            "round": r, "attack": attack})  # got["victim"]: the victim's figures
                             C.log(f"budget {budget}, victim {steering_name}, {mode}, round {r}, "
                                   f"{'attack' if attack else 'baseline'}: victim {got['victim']['tok_s']:.1f} tok/s "
                                   f"({got['victim']['errors']} errors); attacker {got['attacker']}")
@@ -171,9 +171,9 @@ def run_server(args, budget: str, shape, work: Path) -> dict:
 
 def summarize(results: list[dict]) -> list[dict]:
     rows = []
-    keys = sorted({(r["budget"], r["victim"], r["mode"]) for r in results})
+    keys = sorted({(r["budget"], r["victim_steering"], r["mode"]) for r in results})
     for budget, victim_kind, mode in keys:
-        these = [r for r in results if (r["budget"], r["victim"], r["mode"]) == (budget, victim_kind, mode)]
+        these = [r for r in results if (r["budget"], r["victim_steering"], r["mode"]) == (budget, victim_kind, mode)]
         ratios = []
         for rnd in sorted({r["round"] for r in these}):
             pair = {r["attack"]: r for r in these if r["round"] == rnd}
