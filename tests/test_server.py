@@ -644,6 +644,11 @@ def test_serve_takes_vsteer_flags_from_the_same_yaml_as_vllms(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot read the default steering file" in out.stderr, out.stderr[-2000:]
     assert (tmp_path / "from-yaml").is_dir()  # --vectors came from the YAML too
+    # steered models from the YAML's list reach vsteer's parser (a bad one is refused there)
+    cfg.write_text("steered-model:\n  - cheerful=happy:2\n  - broken=happy:x\nmax-model-len: 512\n")
+    out = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", "tiny-llama", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--steered-model" in out.stderr and "'broken'" in out.stderr, out.stderr[-2000:]
     helped = subprocess.run([sys.executable, "-m", "vsteer.cli.main", "serve", "--help=vsteer"],
                             capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0 and "--default-steering" in helped.stdout and "--vectors" in helped.stdout
