@@ -25,6 +25,14 @@ def parse_layers(text: str) -> str | list[int]:
     return layers
 
 
+def words(text: str) -> list[str]:
+    """A comma list of words or short phrases: ``dinosaurs,fossils,a T. rex``."""
+    items = [w.strip() for w in text.split(",") if w.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give a comma list of words, e.g. dinosaurs,fossils,t-rex")
+    return items
+
+
 def floats(text: str) -> list[float]:
     """A comma list of numbers: ``-8,-4,0,4,8``."""
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .args import floats as _floats
-from .args import parse_layers
+from .args import parse_layers, words
 from .choices import BEHAVIOURS, DTYPES, NORMS, OPS, POSITIONS, UNITS
 
 
@@ -38,13 +38,6 @@ def _choices(allowed: tuple[str, ...]):
     return parse
 
 
-def _words(text: str) -> list[str]:
-    items = [w.strip() for w in text.split(",") if w.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("give a comma list, e.g. dinosaurs,fossils,t-rex")
-    return items
-
-
 def add_common(p: argparse.ArgumentParser) -> None:
     """Arguments shared by ``vsteer eval`` and ``vsteer tune`` (one name per option)."""
     p.add_argument("--model", required=True, help="local HF folder, Hub id, or smollm2-135m-instruct / tiny-llama")
@@ -55,7 +48,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--behaviour", "--behavior", dest="behaviour",
                    help=f"a bundled scorer ({', '.join(BEHAVIOURS)}), or the name of your own (default: the "
                         "set's behaviour)")
-    s.add_argument("--keywords", type=_words, help="your own concept: comma list of words or phrases; the score is "
+    s.add_argument("--keywords", type=words, help="your own concept: comma list of words or phrases; the score is "
                                                    "the share of answers that use one")
     s.add_argument("--regex", action="append", dest="regexes", metavar="PATTERN",
                    help="your own concept: a regular expression that counts as a mention (repeatable)")

@@ -7,12 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _words(text: str) -> list[str]:
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words:
-        raise argparse.ArgumentTypeError("give a comma list of words, e.g. ocean,sea,waves")
-    return words
+from .args import words
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,13 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Each pair fills one sentence template with the concept's words (positive) "
                                    "and with the words of an everyday contrast topic (negative).")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--words", type=_words, help="comma list of words or short phrases of the concept")
+    src.add_argument("--words", type=words, help="comma list of words or short phrases of the concept")
     src.add_argument("--topic", help="a bundled topic's word list (ocean, cooking, space, ...)")
     t.add_argument("--out", required=True, help="output file (.jsonl, .json or .csv)")
     t.add_argument("--name", help="dataset name (default: --topic, else the first word)")
     t.add_argument("-n", "--n", type=int, default=64, help="number of pairs (default: %(default)s)")
-    t.add_argument("--contrast", type=_words, help="bundled contrast topics to swap in (default: all everyday ones)")
-    t.add_argument("--contrast-words", type=_words, help="your own contrast words instead of bundled topics")
+    t.add_argument("--contrast", type=words, help="bundled contrast topics to swap in (default: all everyday ones)")
+    t.add_argument("--contrast-words", type=words, help="your own contrast words instead of bundled topics")
     t.add_argument("--prompt", default="", help="a prompt shared by every pair (default: none)")
     t.add_argument("--seed", type=int, default=0, help="seed of the template and word order")
 
