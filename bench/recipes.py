@@ -54,6 +54,7 @@ LAYERS = "3-10"
 GRID = dict(bands=[(6, 7, 8, 9), tuple(range(3, 11))], positions=("all",), strengths=(0.1, 0.15, 0.2, 0.3))
 DEV_BIPO = ("ocean",)  # bipo's development run in generations (CPU time); its settings came from likelihoods
 OTHER_POSITIONS = ("last", "first")   # the CLI default (auto) is "mean" for these whole-sentence pairs
+REPLAY_BUDGETS = ("1.3",)  # the targets' perplexity bound: the held-out choices replayed at it (secondary)
 TINY = ("0-3", [(1, 2), (0, 1, 2, 3)])  # the tiny test model has 4 layers (smoke runs)
 
 
@@ -168,7 +169,7 @@ def devz_unit(args: argparse.Namespace, concept: str, method: str) -> dict:
     if picked is None:
         return _save(path, {"concept": concept, "method": method, "recipe": None})
     rc = picked["recipe"]
-    recipe = Recipe(tuple(rc["layers"]), rc["strength"], rc["op"], rc["unit"], rc["norm"], rc["positions"])
+    recipe = Recipe.from_dict(rc)
     vs = load_vector_set(dev["extract"]["path"])
     _, beh, probes, prompts = _setup(vs, concept, None, None, None, args.dev_prompts, None)
     randoms = random_sets(vs, list(recipe.layers), args.random_baselines, 0)
@@ -214,6 +215,50 @@ def heldout_unit(args: argparse.Namespace, concept: str, method: str, position: 
                         "behaviour": rep["behaviour"], "tune": rep["tune"], "seconds": time.perf_counter() - started})
 
 
+def replay_unit(args: argparse.Namespace, concept: str, method: str, budget: str) -> dict:
+    """The held-out unit's two choices (steering alone, steering on top of the message) made
+    again at another perplexity budget from its stored per-prompt select scores, and
+    scored on the score half like ``vsteer tune`` does. ``REPLAY_BUDGETS`` is the targets'
+    own bound (1.3x), added after the 1.2x run was seen: a secondary result, labelled so."""
+    from vsteer.engine.models import load_hf
+    from vsteer.eval.choice import choose
+    from vsteer.eval.execute import Session
+    from vsteer.eval.plan import random_sets
+    from vsteer.eval.recipes import Recipe
+    from vsteer.eval.sweep import _setup
+    from vsteer.eval.tune import score_heldout
+
+    path = _unit("replay", concept, method, budget)
+    if (got := _done(path)) is not None:
+        return got
+    main = heldout_unit(args, concept, method)
+    t = dict(main["tune"])
+    rule, system = t["choice_rule"], t["chosen_system_prompt"]
+    picked = choose(t["search"], t["select_baseline"]["items"], rule=rule, max_ppl_ratio=float(budget))
+    alone = next((c for c in t["prompting_search"] if c["system_prompt"] == system), None)
+    both = (choose(t["combined_search"], alone["items"], rule=rule, max_ppl_ratio=float(budget))
+            if t.get("combined_search") and alone else None)
+    recipe, both_recipe = (Recipe.from_dict(x["recipe"]) if x else None for x in (picked, both))
+    same = (recipe, both_recipe) == tuple(Recipe.from_dict(x) if x else None
+                                          for x in (t["chosen"], t.get("chosen_with_prompt")))
+    started = time.perf_counter()
+    if not same:
+        vs, beh, probes, prompts = _setup(main["extract"]["path"], None, None, str(HELD_DIR / "prompts.jsonl"), system,
+                                          None, None, scorer=str(HELD_DIR / f"{concept}.scorer.json"))
+        used = sorted({x for b in GRID["bands"] for x in b})
+        n_random = args.random_baselines
+        with Session(C.resolve_model(args.model), vs.select(used), random_sets(vs, used, n_random, 0), beh,
+                     prompts=prompts, probes=probes, max_new_tokens=args.max_new_tokens, backend=args.backend,
+                     batch_size=args.batch_size, progress=False,
+                     hf_model=load_hf(C.resolve_model(args.model)) if args.backend == "hf" else None) as session:
+            t["heldout"] = score_heldout(session, recipe, system, beh, t["split"]["score"], n_random,
+                                         args.max_new_tokens, 0, 2, both_recipe=both_recipe)
+    sel = lambda r, p: {**r.to_dict(), "select": {k: v for k, v in p.items() if k != "items"}} if r else None  # noqa: E731
+    t.update(max_ppl_ratio=float(budget), chosen=sel(recipe, picked), chosen_with_prompt=sel(both_recipe, both),
+             replayed_from=main["tune"]["max_ppl_ratio"], rescored=not same)
+    return _save(path, {**main, "tune": t, "budget": float(budget), "seconds": time.perf_counter() - started})
+
+
 def _zero(path: str) -> bool:
     from vsteer.engine.formats import load_vector_set
 
@@ -230,6 +275,7 @@ def units(stage: str, only: list[str] | None) -> list[tuple]:
     if stage in ("heldout", "all"):  # method by method over the concepts: a time budget gets whole methods first
         names = [c for c in heldout_names() if not only or c in only]
         out += [("heldout", c, m, "auto") for m in METHODS for c in names]
+        out += [("replay", c, m, b) for b in REPLAY_BUDGETS for m in METHODS for c in names]
         out += [("heldout", c, "caa", p) for p in OTHER_POSITIONS for c in names]
     return out
 
@@ -246,7 +292,7 @@ def run_study(args: argparse.Namespace) -> dict:
             break
         kind, *rest = unit
         C.log(f"{kind} {' '.join(rest)}")
-        {"dev": dev_unit, "devz": devz_unit, "heldout": heldout_unit}[kind](args, *rest)
+        {"dev": dev_unit, "devz": devz_unit, "heldout": heldout_unit, "replay": replay_unit}[kind](args, *rest)
     res = collect(args)
     C.write_result(NAME, res, str(RESULT))
     return res
@@ -259,11 +305,15 @@ def collect(args: argparse.Namespace) -> dict:
         if f"{u['concept']}-{u['method']}" in dev:
             dev[f"{u['concept']}-{u['method']}"]["random"] = u
     held = {f"{u['concept']}-{u['method']}-{u['position']}": u for u in map(_done, sorted(UNITS.glob("heldout-*.json")))}
+    replays = {}
+    for u in map(_done, sorted(UNITS.glob("replay-*.json"))):
+        replays.setdefault(f"{u['budget']:g}", {})[f"{u['concept']}-{u['method']}-auto"] = u
     return {"params": {"model": args.model, "max_new_tokens": args.max_new_tokens, "budget": args.budget,
                        "random_baselines": args.random_baselines, "layers": LAYERS, "backend": args.backend,
                        "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
                        "dev": list(DEV), "heldout": heldout_names(), "methods": list(METHODS)},
-            "dev": R.analyse_dev(dev, args.budget), "heldout": R.analyse_heldout(held, args.budget)}
+            "dev": R.analyse_dev(dev, args.budget), "heldout": R.analyse_heldout(held, args.budget),
+            "replays": {b: R.analyse_heldout(u, float(b)) for b, u in replays.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,8 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
             entry["methods"][m] = {
                 "chosen": t["chosen"], "system_prompt": t["chosen_system_prompt"], "gap": t.get("gap"),
                 "select_rule_score": (t["chosen"] or {}).get("select", {}).get("rule_score"),
+                "chosen_with_prompt": t.get("chosen_with_prompt"),
+                "with_prompt_rule_score": (t.get("chosen_with_prompt") or {}).get("select", {}).get("rule_score"),
                 **{k: _h(u, k) for k in ("unsteered", "prompting", "steering", "both")},
                 "z": (_h(u, "steering") or {}).get("z_vs_random"), "check": u["extract"]["check"],
                 "training": u["extract"].get("training"), "extract": u["extract"]["argv"],
@@ -113,6 +115,8 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
         if ms:  # the best method is chosen on the select half only (its rule score), never on the score half
             scored = {m: v["select_rule_score"] for m, v in ms.items() if v["select_rule_score"] is not None}
             entry["best_method"] = max(scored, key=scored.get) if scored else None
+            combined = {m: v["with_prompt_rule_score"] for m, v in ms.items() if v["with_prompt_rule_score"] is not None}
+            entry["best_with_prompt"] = max(combined, key=combined.get) if combined else None
         positions = {"auto": units.get(f"{c}-caa-auto")} | {p: units.get(f"{c}-caa-{p}") for p in ("last", "first")}
         unsteered = _rate(_h(main["caa"], "unsteered")) if main.get("caa") else float("nan")
         entry["positions"] = {p: {"token_position": u["extract"]["token_position"], "check": u["extract"]["check"],
@@ -137,17 +141,24 @@ def targets(held: dict[str, Any]) -> dict[str, Any]:
     t1, t2, t3 = {}, {}, {}
     for c in concepts:
         e = held[c]
-        best = e.get("best_method")
-        m = e["methods"].get(best) if best else None
-        if m is None:
+        if not e["methods"]:
             continue
-        s, p, b = _rate(m["steering"]), _rate(m["prompting"]), _rate(m["both"])
-        ppl = (m["steering"] or {}).get("ppl_ratio")
-        z = m["z"]
-        t1[c] = {"method": best, "steering": s, "prompting": p, "ppl_ratio": ppl, "z": z,
+        # no method chose a recipe: the user gets the unsteered model (rate of unsteered, x1.00, no z)
+        best = e.get("best_method")
+        m = e["methods"][best] if best else next(iter(e["methods"].values()))
+        unsteered, p = _rate(m["unsteered"]), _rate(m["prompting"])
+        s = _rate(m["steering"]) if m["steering"] else unsteered
+        ppl = (m["steering"] or {}).get("ppl_ratio", 1.0)
+        z = m["z"] if m["steering"] else None
+        t1[c] = {"method": best or "none chosen", "steering": s, "prompting": p, "ppl_ratio": ppl, "z": z,
                  "met": bool(s >= p and ppl is not None and ppl <= 1.3 and z is not None and z >= 3),
                  "distance": {"rate": max(0.0, p - s), "ppl": max(0.0, (ppl or 99) - 1.3), "z": max(0.0, 3 - (z or 0))}}
-        t2[c] = {"method": best, "both": b, "prompting": p, "met": bool(b > p), "distance": max(0.0, p - b)}
+        # steering + prompting: the combined choice of the method whose choice held best on select; none: the
+        # system message alone (nothing was added to it)
+        bw = e.get("best_with_prompt")
+        b = _rate(e["methods"][bw]["both"]) if bw and e["methods"][bw]["both"] else p
+        t2[c] = {"method": bw or "nothing added", "both": b, "prompting": p, "met": bool(b > p),
+                 "distance": max(0.0, p - b)}
         rates = {pos: v["rate"] for pos, v in e["positions"].items() if not math.isnan(v["rate"])}
         if "auto" in rates and len(rates) > 1:
             top = max(rates.values())
@@ -191,13 +202,15 @@ def render(res: dict) -> str:
          "mention the concept (keyword scorer).", ""]
     held = res.get("heldout") or {}
     L += _render_targets(held.get("targets"))
+    for budget, rep in (res.get("replays") or {}).items():
+        L += _render_replay(budget, rep)
     L += _render_heldout(held, p)
     L += _render_dev(res.get("dev") or {}, p)
     L += ["", END]
     return "\n".join(L)
 
 
-def _render_targets(t: dict | None) -> list[str]:
+def _render_targets(t: dict | None, positions: bool = True) -> list[str]:
     if not t:
         return ["No held-out results yet.", ""]
     a, b, c = t["steering_vs_prompting"], t["both_beats_prompting"], t["default_position"]
@@ -208,16 +221,34 @@ def _render_targets(t: dict | None) -> list[str]:
                                         f"z {f(v['distance']['z'], 1)})") for k, v in a["per_concept"].items()),
              "met" if a["met"] else "**not met**"],
             ["steering + prompting > prompting alone, on all 3",
-             "; ".join(f"{k} {f(v['both'])} vs {f(v['prompting'])}" + ("" if v["met"] else
+             "; ".join(f"{k} {v['method']} {f(v['both'])} vs {f(v['prompting'])}" + ("" if v["met"] else
                                                                       f" (short by {f(v['distance'])})")
                        for k, v in b["per_concept"].items()), "met" if b["met"] else "**not met**"],
             ["CLI default position within 0.05 of the best position's rate",
              "; ".join(f"{k} default {f(v['default'])}, best {f(v['best'])} ("
                        + ", ".join(f"{pos} {f(r)}" for pos, r in v["rates"].items()) + ")"
                        + ("" if v["met"] else f", short by {f(v['distance'])}") for k, v in c["per_concept"].items()),
-             "met" if c["met"] else "**not met**"]]
+             "met" if c["met"] else "**not met**"]][:3 if positions else 2]
     return ["Targets (held-out concepts, `score` half of the held-out prompts):", "",
             _table(["target", "measured", ""], rows), ""]
+
+
+def _render_replay(budget: str, rep: dict) -> list[str]:
+    """The held-out choices made again at another budget (``recipes.replay_unit``)."""
+    t = rep.get("targets")
+    if not t:
+        return []
+    rows = []
+    for c in (k for k in rep if k != "targets"):
+        for m, v in rep[c]["methods"].items():
+            rows.append([c, m, _recipe(v["chosen"]), _cell(v["steering"]), f(v["z"], 1),
+                         _recipe(v.get("chosen_with_prompt")), _cell(v["both"]), _cell(v["prompting"])])
+    head = (f"Secondary: the same held-out units with both choices made at {budget}x, the targets' own perplexity "
+            "bound, instead of the search budget above (replayed from the stored per-prompt select scores, new "
+            "choices scored on the score half; this replay was added after the run above was seen):")
+    return [head, "", _table(["concept", "method", "tuned recipe", "steering", "z vs random",
+                              "recipe with the message", "steering + prompting", "prompting"], rows), ""] + \
+        _render_targets(t, positions=False)[2:]
 
 
 def _render_heldout(held: dict, p: dict) -> list[str]:
@@ -231,12 +262,13 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
             g = (v.get("gap") or {}).get("steering")
             rows.append([c, m + (" (best)" if m == e.get("best_method") else ""), _recipe(v["chosen"]),
                          f(v["unsteered"]["behaviour"]) if v["unsteered"] else "n/a", _cell(v["prompting"]),
-                         _cell(v["steering"]), f(v["z"], 1), _cell(v["both"]),
-                         f"{f(g['select'])} -> {f(g['score'])}" if g else "n/a"])
+                         _cell(v["steering"]), f(v["z"], 1), _recipe(v.get("chosen_with_prompt")),
+                         _cell(v["both"]), f"{f(g['select'])} -> {f(g['score'])}" if g else "n/a"])
     L = ["Held-out concepts (`score` half, 32 prompts; perplexity ratio against unsteered in brackets; best method "
-         "= higher rule score on the `select` half):", "",
+         "= higher rule score on the `select` half; the recipe added to the system message is searched on its own, "
+         "by its gain over the message alone):", "",
          _table(["concept", "method", "tuned recipe", "unsteered", "prompting", "steering", "z vs random",
-                 "steering + prompting", "steering select -> score"], rows), ""]
+                 "recipe with the message", "steering + prompting", "steering select -> score"], rows), ""]
     L.append("Chosen system messages: " + "; ".join(
         f"{c}: {json.dumps(next(iter(held[c]['methods'].values()))['system_prompt'])}" for c in names) + ".")
     L.append("")

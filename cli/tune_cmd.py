@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the select/score split of the prompts")
     p.add_argument("--out", default="vsteer-tune", help="report directory")
     p.add_argument("--dry-run", action="store_true", help="report the choice but do not record it in the set")
+    p.add_argument("--no-combined", action="store_true",
+                   help="skip the search of recipes on top of the chosen system message (halves the search; "
+                        "'both' is then the steering choice plus the message)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             prompting=not args.no_prompting, backend=args.backend, out=args.out, write=not args.dry_run,
             n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, split_seed=args.split_seed,
             progress=not args.no_progress, batch_size=args.batch_size, dtype=args.dtype,
-            enforce_eager=not args.compile, plots=not args.no_plots, rule=args.choose, **scorer_kwargs(args))
+            enforce_eager=not args.compile, plots=not args.no_plots, rule=args.choose, combined=not args.no_combined,
+            **scorer_kwargs(args))
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"vsteer tune: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ RULES: tuple[str, ...] = ("lcb", "folds", "smooth", "max")
 DEFAULT_RULE = "lcb"
 Z = 1.0       # lcb: standard errors subtracted
 FOLDS = 4     # folds: number of prompt folds
+EPS = 1e-9    # a rule score must clear this (a bound of exactly zero, in floating point, is no gain)
 
 
 def check_rule(rule: str) -> str:
@@ -67,9 +68,11 @@ def rule_score(items: Sequence[float], base: Sequence[float], rule: str = DEFAUL
 def choose(candidates: list[dict[str, Any]], base_items: Sequence[float], *, rule: str = DEFAULT_RULE,
            max_ppl_ratio: float | None = None, direction: int = 1, seed: int = 0) -> dict[str, Any] | None:
     """The candidate with the best ``rule_score`` among those within the perplexity budget
-    (``None``: no budget) whose mean moved in ``direction``; ties go to the smaller
-    strength. Each candidate needs ``items`` (per-item scores on the same items as
-    ``base_items``), ``behaviour`` and ``ppl_ratio``; ``rule_score`` is set on each."""
+    (``None``: no budget) whose mean moved in ``direction`` and whose rule score is above
+    zero (for ``lcb``: the gain's lower bound; one lucky prompt out of 32 has a bound of
+    zero and is not a choice); ties go to the smaller strength. Each candidate needs
+    ``items`` (per-item scores on the same items as ``base_items``), ``behaviour`` and
+    ``ppl_ratio``; ``rule_score`` is set on each."""
     ok = []
     pooled = _neighbours(candidates) if rule == "smooth" else {}
     for i, c in enumerate(candidates):
@@ -79,7 +82,7 @@ def choose(candidates: list[dict[str, Any]], base_items: Sequence[float], *, rul
         c["rule_score"] = rule_score(items, base, rule, direction=direction, seed=seed)
         mean_gain = sum(gains(c["items"], base_items, direction)) if c["items"] else float("nan")
         in_budget = max_ppl_ratio is None or (c.get("ppl_ratio") is not None and c["ppl_ratio"] <= max_ppl_ratio)
-        if in_budget and math.isfinite(c["rule_score"]) and mean_gain > 0:
+        if in_budget and math.isfinite(c["rule_score"]) and c["rule_score"] > EPS and mean_gain > 0:
             ok.append(c)
     if not ok:
         return None

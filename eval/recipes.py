@@ -123,6 +123,11 @@ class Recipe:
         return {"strength": round(self.per_layer, 6), "layers": list(self.layers), "unit": self.unit,
                 "norm": self.norm, "positions": self.positions}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """The inverse of ``to_dict`` (a report's ``recipe``); derived keys are ignored."""
+        return cls(tuple(d["layers"]), d["strength"], d["op"], d["unit"], d["norm"], d["positions"])
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)

@@ -9,9 +9,13 @@ others, record the recipe.
 3. **Choose** with a rule robust to selection noise (``choice``, default ``lcb``): the
    steering candidate whose gain over unsteered holds best across the select prompts,
    within the perplexity budget (default 1.2x); the system message the same way (no
-   budget: the baseline gets its best shot).
+   budget: the baseline gets its best shot). Then (``combined``) every recipe again on
+   top of the chosen system message, chosen by its gain *over that message alone*,
+   within the same budget: a prompt already moves the behaviour and costs perplexity, so
+   the strength worth adding to it is rarely the one that works alone.
 4. **Score** on ``score``: unsteered, the chosen system message (prompting), the chosen
-   recipe (steering), both together, and the recipe with same-norm random directions (z).
+   recipe (steering), the combined choice on top of the message (both), and the recipe
+   with same-norm random directions (z).
    The select -> score drop of each choice is reported (``gap``): a large one is overfit.
 5. **Record** the recipe as the vector set's ``recommended`` default (``vsteer.json``,
    through the registry when the set is a registry entry), so a request naming only the
@@ -60,9 +64,12 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
          split_seed: int = 0, progress: bool = True, batch_size: int = 16, dtype: str = "auto",
          enforce_eager: bool = True, hf_model: tuple[Any, Any] | None = None, plots: bool = True, samples: int = 2,
          rule: str = DEFAULT_RULE, keywords: Sequence[str] | None = None, regexes: Sequence[str] | None = None,
-         scorer: str | None = None, concept: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+         scorer: str | None = None, concept: str | None = None, trust_remote_code: bool = False,
+         combined: bool = True) -> dict[str, Any]:
     """Search, choose, score on held-out prompts, and (``write``) record the recipe in the
-    set at ``vectors``. Returns the report (also ``out``/report.json)."""
+    set at ``vectors``. Returns the report (also ``out``/report.json). ``combined=False``
+    skips the search on top of the system message (half the search time); ``both`` is
+    then the steering choice plus the message."""
     from vsteer.engine.models import resolve_model
 
     started = time.perf_counter()
@@ -109,11 +116,23 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
         prompt_cands = [_candidate(c, base_sel, None, beh) for c in systems]
         prompt_pick = choose(prompt_cands, base_items, rule=rule, max_ppl_ratio=None, direction=direction, seed=seed)
         system = prompt_pick["system_prompt"] if prompt_pick else (beh.system_prompt if prompting else None)
-        heldout = _score_heldout(session, recipe, system, beh, split["score"], random_baselines, max_new_tokens,
-                                 seed, samples)
+        with_prompt = None
+        if combined and system:
+            prompt_sel = next((c for c in systems if c.system == system), None)
+            if prompt_sel is None:  # the behaviour's own message when no candidate moved anything
+                prompt_sel = Condition("prompting", "prompting", prompted=True, system=system)
+                session.run([prompt_sel], sel["prompts"], sel["probes"] or None, desc="tune: prompting")
+                analysis.score(prompt_sel, beh, max_new_tokens, seed)
+            with_prompt = search_with_system(session, search[1:], system, base_sel, prompt_sel, vs, beh, sel,
+                                             rule=rule, max_ppl_ratio=max_ppl_ratio, direction=direction, seed=seed,
+                                             max_new_tokens=max_new_tokens)
+        both = with_prompt["recipe"] if with_prompt else recipe
+        heldout = score_heldout(session, recipe, system, beh, split["score"], random_baselines, max_new_tokens,
+                                 seed, samples, both_recipe=both)
         backend_name, timing, stops = session.name, dict(session.timing), session.stops
 
-    gaps = {"steering": _gap(picked, heldout.get("steering")), "prompting": _gap(prompt_pick, heldout.get("prompting"))}
+    gaps = {"steering": _gap(picked, heldout.get("steering")), "prompting": _gap(prompt_pick, heldout.get("prompting")),
+            "both": _gap((with_prompt or {}).get("picked"), heldout.get("both"))}
     written = record(str(vectors), recipe) if recipe is not None and write else None
     report: dict[str, Any] = {
         "kind": "tune", "model": model, "model_path": model_path,
@@ -135,11 +154,41 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
                  "select_baseline": {"behaviour": base_sel.result["behaviour"],
                                      "perplexity": base_sel.result["perplexity"], "items": list(base_items)},
                  "search": candidates, "prompting_search": prompt_cands,
-                 "chosen": ({**recipe.to_dict(), "recommended": recipe.recommended(),
-                             "select": {k: v for k, v in picked.items() if k != "items"}} if recipe else None),
-                 "chosen_system_prompt": system, "heldout": heldout, "gap": gaps, "written_to": written},
+                 "chosen": _chosen(recipe, picked),
+                 "chosen_system_prompt": system,
+                 "combined_search": with_prompt["candidates"] if with_prompt else None,
+                 "chosen_with_prompt": _chosen(with_prompt["recipe"], with_prompt["picked"]) if with_prompt else None,
+                 "heldout": heldout, "gap": gaps, "written_to": written},
     }
     return finish_report(report, timing, started, out, plots)
+
+
+def search_with_system(session: Session, search: Sequence[Condition], system: str, base_sel: Condition,
+                       prompt_sel: Condition, vs: SteeringVectorSet, beh: Any, sel: dict[str, list[int]], *,
+                       rule: str, max_ppl_ratio: float | None, direction: int, seed: int,
+                       max_new_tokens: int) -> dict[str, Any]:
+    """Step 3b: each recipe of ``search`` on top of ``system`` on the select half; the
+    choice is the one whose gain over the message alone (``prompt_sel``, run on the same
+    prompts) holds best, with perplexity against the unsteered model (``base_sel``) within
+    the budget. Returns ``candidates``, ``picked`` (None when nothing adds to the
+    message) and its ``recipe``."""
+    conds = [Condition(f"{c.key}+prompt", "both", c.recipe, prompted=True, system=system) for c in search]
+    session.run(conds, sel["prompts"], sel["probes"] or None, desc="tune: search with the system message")
+    for c in conds:
+        analysis.score(c, beh, max_new_tokens, seed)
+    candidates = [_candidate(c, base_sel, vs, beh) for c in conds]
+    picked = choose(candidates, prompt_sel.result["item_scores"], rule=rule, max_ppl_ratio=max_ppl_ratio,
+                    direction=direction, seed=seed)
+    recipe = next((c.recipe for c in conds if picked and c.key == picked["key"]), None)
+    return {"candidates": candidates, "picked": picked, "recipe": recipe,
+            "prompt_select": {"behaviour": prompt_sel.result["behaviour"], "items": list(prompt_sel.result["item_scores"])}}
+
+
+def _chosen(recipe: Recipe | None, picked: dict[str, Any] | None) -> dict[str, Any] | None:
+    if recipe is None or picked is None:
+        return None
+    return {**recipe.to_dict(), "recommended": recipe.recommended(),
+            "select": {k: v for k, v in picked.items() if k != "items"}}
 
 
 def _gap(picked: dict[str, Any] | None, scored: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -149,9 +198,11 @@ def _gap(picked: dict[str, Any] | None, scored: dict[str, Any] | None) -> dict[s
     return {"select": picked["behaviour"], "score": scored["behaviour"], "drop": picked["behaviour"] - scored["behaviour"]}
 
 
-def _score_heldout(session: Session, recipe: Recipe | None, system: str | None, beh: Any, part: dict[str, list[int]],
-                   n_random: int, max_new_tokens: int, seed: int, samples: int) -> dict[str, Any]:
-    """Step 4: the held-out half, never seen by the search."""
+def score_heldout(session: Session, recipe: Recipe | None, system: str | None, beh: Any, part: dict[str, list[int]],
+                   n_random: int, max_new_tokens: int, seed: int, samples: int,
+                   both_recipe: Recipe | None = None) -> dict[str, Any]:
+    """Step 4: the held-out half, never seen by the search. ``both_recipe`` (the
+    combined choice) goes on top of the system message; none: no ``both`` row."""
     conds = [Condition("baseline", "baseline")]
     if system:
         conds.append(Condition("prompting", "prompting", prompted=True, system=system))
@@ -159,8 +210,9 @@ def _score_heldout(session: Session, recipe: Recipe | None, system: str | None, 
     if recipe is not None:
         steer = Condition("steering", "sweep", recipe)
         conds.append(steer)
-        if system:
-            conds.append(Condition("both", "both", recipe, prompted=True, system=system))
+    if system and both_recipe is not None:
+        conds.append(Condition("both", "both", both_recipe, prompted=True, system=system))
+    if recipe is not None:
         conds += [Condition(f"R{i}", "random", recipe, random_index=i) for i in range(n_random)]
     session.run(conds, part["prompts"], part["probes"] or None, desc="tune: score")
     for c in conds:
@@ -209,6 +261,12 @@ def format_tune(report: dict[str, Any]) -> str:
     else:
         lines.append(f"chosen: layers {ch['band']}, strength {ch['strength']:g} {ch['unit']} (per layer "
                      f"{ch['per_layer_strength']:.4g}), positions {ch['positions']}, norm {ch['norm']}")
+    if t.get("combined_search") is not None:
+        cw = t.get("chosen_with_prompt")
+        lines.append("on top of the system message: nothing added to it within the budget" if cw is None else
+                     f"on top of the system message: layers {cw['band']}, strength {cw['strength']:g} {cw['unit']}, "
+                     f"positions {cw['positions']} (select: behaviour {_f(cw['select']['behaviour'])}, perplexity "
+                     f"x{_f(cw['select']['ppl_ratio'])})")
     h = t["heldout"]
     if ch is not None:
         lines.append(f"held-out ({h['n_prompts']} prompts): z vs random {_f(h['steering'].get('z_vs_random'), 1)}")

@@ -42,6 +42,18 @@ def test_robust_rules_prefer_a_gain_that_holds_across_prompts():
         assert spiky["rule_score"] < steady["rule_score"]
 
 
+def test_a_gain_carried_by_one_prompt_is_no_choice():
+    """Issue 22, held-out run: 1 hit in 32 select prompts has a lower bound of exactly zero
+    (mean = one standard error); lcb chose it and it scored 0 on the other half. A choice
+    needs a bound above zero; two hits give one."""
+    base = [0.0] * 32
+    one = _cand(0.1, [1.0] + [0.0] * 31, 1.05)
+    assert choose([one], base, rule="lcb") is None
+    assert choose([one], base, rule="max")["recipe"]["strength"] == 0.1  # the old rule still takes it
+    two = _cand(0.2, [1.0, 1.0] + [0.0] * 30, 1.1)
+    assert choose([one, two], base, rule="lcb")["recipe"]["strength"] == 0.2
+
+
 def test_smooth_rule_pools_neighbouring_strengths():
     """A lone spike between two dead neighbours loses to a candidate on a steady plateau."""
     def cand(band, strength, hits):
@@ -105,6 +117,14 @@ def test_tune_searches_on_select_scores_on_score_and_records(tiny_model_path, le
     assert len(h["steering"]["random_baseline"]["random_effects"]) == 2
     assert h["steering"]["behaviour"] > h["unsteered"]["behaviour"]  # the lever works on held-out probes too
 
+    # the combined search: every recipe again on top of the chosen message, chosen by its gain over the message
+    assert [c["recipe"]["strength"] for c in t["combined_search"]] == [0.3, 1.5]
+    assert {c["system_prompt"] for c in t["combined_search"]} == {"Be upbeat."}
+    with_prompt = t["chosen_with_prompt"]
+    prompt_alone = next(c for c in t["prompting_search"] if c["system_prompt"] == "Be upbeat.")
+    assert with_prompt is not None and with_prompt["select"]["behaviour"] > prompt_alone["behaviour"]
+    assert t["gap"]["both"]["select"] == with_prompt["select"]["behaviour"]
+
     # recorded: a request that names only the vector gets the recipe
     recorded = load_vector_set(str(path)).recommended
     assert recorded == chosen["recommended"] == {"strength": chosen["per_layer_strength"], "layers": [3],
@@ -116,3 +136,15 @@ def test_tune_searches_on_select_scores_on_score_and_records(tiny_model_path, le
     entry = resolved.entries[0]
     assert entry.unit == "relative" and entry.layers == (3,) and resolved.positions == "all"
     assert entry.strength == pytest.approx(chosen["per_layer_strength"])
+
+
+def test_tune_without_the_combined_search_scores_the_steering_choice_with_the_message(tiny_model_path, lever_set):
+    from vsteer.eval.tune import tune
+
+    path, probes = lever_set
+    rep = tune(tiny_model_path, str(path), probes=str(probes), behaviour="lever", system_prompt="Be upbeat.",
+               bands=[(3,)], strengths=[1.5], positions=["all"], max_ppl_ratio=100, random_baselines=0, n_prompts=4,
+               max_new_tokens=4, write=False, progress=False, plots=False, combined=False)
+    t = rep["tune"]
+    assert t["combined_search"] is None and t["chosen_with_prompt"] is None and t["gap"]["both"] is None
+    assert t["chosen"] is not None and "both" in t["heldout"]  # the steering choice plus the message
