@@ -122,6 +122,10 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
         entry["positions"] = {p: {"token_position": u["extract"]["token_position"], "check": u["extract"]["check"],
                                   "steering": _h(u, "steering"), "chosen": u["tune"]["chosen"],
                                   "zero_vector": bool(u.get("zero_vector")),
+                                  # the vector's strongest select-half point at any perplexity: do positions differ
+                                  # at all, where no tuned recipe fits the budget?
+                                  "strongest": max(u["tune"].get("search") or [{}],
+                                                   key=lambda r: (r.get("behaviour") or 0.0, -(r.get("ppl_ratio") or 0.0))),
                                   # what the position gives: its tuned steering, else (nothing moved, or a zero
                                   # vector) the unsteered model
                                   "rate": _rate(_h(u, "steering")) if _h(u, "steering") else unsteered}
@@ -163,7 +167,9 @@ def targets(held: dict[str, Any]) -> dict[str, Any]:
         if "auto" in rates and len(rates) > 1:
             top = max(rates.values())
             t3[c] = {"rates": rates, "default": rates["auto"], "best": top, "met": rates["auto"] >= top - 0.05,
-                     "distance": max(0.0, top - 0.05 - rates["auto"])}
+                     "distance": max(0.0, top - 0.05 - rates["auto"]),
+                     # no position moved the rate above unsteered: met, but it says nothing about the default
+                     "vacuous": top <= _rate(m["unsteered"])}
     n1 = sum(v["met"] for v in t1.values())
     return {"steering_vs_prompting": {"per_concept": t1, "met": n1 >= 2, "count": n1, "needed": 2},
             "both_beats_prompting": {"per_concept": t2, "met": bool(t2) and all(v["met"] for v in t2.values())},
@@ -227,8 +233,12 @@ def _render_targets(t: dict | None, positions: bool = True) -> list[str]:
             ["CLI default position within 0.05 of the best position's rate",
              "; ".join(f"{k} default {f(v['default'])}, best {f(v['best'])} ("
                        + ", ".join(f"{pos} {f(r)}" for pos, r in v["rates"].items()) + ")"
-                       + ("" if v["met"] else f", short by {f(v['distance'])}") for k, v in c["per_concept"].items()),
-             "met" if c["met"] else "**not met**"]][:3 if positions else 2]
+                       + ("" if v["met"] else f", short by {f(v['distance'])}")
+                       + ("; vacuous: no position moved the rate" if v.get("vacuous") else "")
+                       for k, v in c["per_concept"].items()),
+             ("met" if c["met"] else "**not met**")
+             + (" (vacuous where no position steered)" if any(v.get("vacuous") for v in c["per_concept"].values())
+                else "")]][:3 if positions else 2]
     return ["Targets (held-out concepts, `score` half of the held-out prompts):", "",
             _table(["target", "measured", ""], rows), ""]
 
@@ -279,11 +289,13 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
             prow.append([c, pos if pos != "auto" else f"default ({v['token_position']})",
                          "zero vector: not searched" if v["zero_vector"] else _recipe(v["chosen"]),
                          _cell(v["steering"]) if v["steering"] else f"{f(v['rate'])} (unsteered)",
+                         f"{(v.get('strongest') or {}).get('key', 'n/a')}: {_cell(v.get('strongest') or None)}",
                          f"{f(ck.get('accuracy'))} / {f(ck.get('gain'))} (z {f(ck.get('z'), 1)})",
                          "weak" if ck.get("weak") else "ok"])
     L += ["Token positions (caa; each vector searched the same way, no prompting; check = held-out projection "
           "accuracy / likelihood gain in nats per pair at 0.2 relative, z against random directions):", "",
-          _table(["concept", "position", "tuned recipe", "steering (score half)", "extract check", "warning"], prow),
+          _table(["concept", "position", "tuned recipe", "steering (score half)",
+                  "strongest select point, any perplexity", "extract check", "warning"], prow),
           ""]
     trows = []
     for c in names:

@@ -42,9 +42,13 @@ class Quality:
     z: float
     relative: float
     layers: list[int]
+    zero: bool = False            # every layer's vector is exactly zero
 
     @property
     def problems(self) -> list[str]:
+        if self.zero:  # the other two checks only restate it (accuracy 0, gain 0, z nan)
+            return ["it is zero at every layer: the positive and negative texts are identical at the token position "
+                    "it was read at (a shared first token, say); choose another --token-position"]
         out = []
         if self.accuracy < MIN_ACCURACY:
             out.append(f"held-out pairs barely separate along it (best layer accuracy {self.accuracy:.2f}; 0.5 is "
@@ -89,4 +93,5 @@ def check_vector(model: nn.Module, tokenizer: Any, vs: SteeringVectorSet, heldou
     sd = (sum((x - mu) ** 2 for x in randoms) / (len(randoms) - 1)) ** 0.5 if len(randoms) > 1 else float("nan")
     z = (gain - mu) / sd if sd and sd == sd and sd > 0 else float("nan")
     return Quality(n_heldout=len(held), accuracy=best.accuracy, margin=best.margin, gain=gain, random_gains=randoms,
-                   z=z, relative=relative, layers=vs.layers)
+                   z=z, relative=relative, layers=vs.layers,
+                   zero=all(float(v.norm()) == 0.0 for v in vs.vectors.values()))

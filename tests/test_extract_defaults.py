@@ -72,8 +72,10 @@ def test_cli_prints_the_position_and_warns_about_a_dead_vector(tiny_model_path, 
     assert cli_main(["extract", "--model", tiny_model_path, "--pairs", ocean16, "--layers", "1,2", "--out",
                      str(tmp_path / "first"), "--token-position", "first", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "WARNING: weak vector: held-out pairs barely separate" in err
-    assert load_vector_set(str(tmp_path / "first")).provenance["check"]["weak"] is True
+    assert "WARNING: weak vector: it is zero at every layer" in err and "--token-position" in err
+    assert "barely separate" not in err  # the zero says it; accuracy 0 and z nan would only restate it
+    first = load_vector_set(str(tmp_path / "first")).provenance["check"]
+    assert first["weak"] is True and first["zero"] is True
 
 
 def test_bipo_objective_decreases_and_writes_a_vector_set(tiny_model_path, ocean16, tmp_path, capsys):
