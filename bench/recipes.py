@@ -15,7 +15,9 @@ direction).
   replayed on many random select/score splits: which rule's choice holds on the other half.
 * ``heldout``: per held-out concept, `vsteer tune` (select half: recipe and system message;
   score half: unsteered, prompting, steering, steering + prompting, 5 same-norm random
-  directions) for each method; and, for the default-position target, the same search for
+  directions) for each method; then (``replay``) both choices made again from the stored
+  select scores at 1.3x, the targets' own perplexity bound (a secondary result, added after
+  the 1.2x run was seen); and, for the default-position target, the same search for
   vectors read at the other token positions.
 
 Each unit of work is cached in bench/out/recipes/units/ (re-runs skip finished units;

@@ -128,7 +128,7 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
                                              max_new_tokens=max_new_tokens)
         both = with_prompt["recipe"] if with_prompt else recipe
         heldout = score_heldout(session, recipe, system, beh, split["score"], random_baselines, max_new_tokens,
-                                 seed, samples, both_recipe=both)
+                                seed, samples, both_recipe=both)
         backend_name, timing, stops = session.name, dict(session.timing), session.stops
 
     gaps = {"steering": _gap(picked, heldout.get("steering")), "prompting": _gap(prompt_pick, heldout.get("prompting")),
@@ -180,8 +180,7 @@ def search_with_system(session: Session, search: Sequence[Condition], system: st
     picked = choose(candidates, prompt_sel.result["item_scores"], rule=rule, max_ppl_ratio=max_ppl_ratio,
                     direction=direction, seed=seed)
     recipe = next((c.recipe for c in conds if picked and c.key == picked["key"]), None)
-    return {"candidates": candidates, "picked": picked, "recipe": recipe,
-            "prompt_select": {"behaviour": prompt_sel.result["behaviour"], "items": list(prompt_sel.result["item_scores"])}}
+    return {"candidates": candidates, "picked": picked, "recipe": recipe}
 
 
 def _chosen(recipe: Recipe | None, picked: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -199,8 +198,8 @@ def _gap(picked: dict[str, Any] | None, scored: dict[str, Any] | None) -> dict[s
 
 
 def score_heldout(session: Session, recipe: Recipe | None, system: str | None, beh: Any, part: dict[str, list[int]],
-                   n_random: int, max_new_tokens: int, seed: int, samples: int,
-                   both_recipe: Recipe | None = None) -> dict[str, Any]:
+                  n_random: int, max_new_tokens: int, seed: int, samples: int,
+                  both_recipe: Recipe | None = None) -> dict[str, Any]:
     """Step 4: the held-out half, never seen by the search. ``both_recipe`` (the
     combined choice) goes on top of the system message; none: no ``both`` row."""
     conds = [Condition("baseline", "baseline")]
