@@ -228,7 +228,7 @@ def replay_unit(args: argparse.Namespace, concept: str, method: str, budget: str
     from vsteer.eval.plan import random_sets
     from vsteer.eval.recipes import Recipe
     from vsteer.eval.sweep import _setup
-    from vsteer.eval.tune import score_heldout
+    from vsteer.eval.tune import chosen_summary, score_heldout
 
     path = _unit("replay", concept, method, budget)
     if (got := _done(path)) is not None:
@@ -255,8 +255,8 @@ def replay_unit(args: argparse.Namespace, concept: str, method: str, budget: str
                      hf_model=load_hf(C.resolve_model(args.model)) if args.backend == "hf" else None) as session:
             t["heldout"] = score_heldout(session, recipe, system, beh, t["split"]["score"], n_random,
                                          args.max_new_tokens, 0, 2, both_recipe=both_recipe)
-    sel = lambda r, p: {**r.to_dict(), "select": {k: v for k, v in p.items() if k != "items"}} if r else None  # noqa: E731
-    t.update(max_ppl_ratio=float(budget), chosen=sel(recipe, picked), chosen_with_prompt=sel(both_recipe, both),
+    t.update(max_ppl_ratio=float(budget), chosen=chosen_summary(recipe, picked),
+             chosen_with_prompt=chosen_summary(both_recipe, both),
              replayed_from=main["tune"]["max_ppl_ratio"], rescored=not same)
     return _save(path, {**main, "tune": t, "budget": float(budget), "seconds": time.perf_counter() - started})
 

@@ -154,10 +154,11 @@ def tune(model: str, vectors: str | SteeringVectorSet, *, behaviour: str | None 
                  "select_baseline": {"behaviour": base_sel.result["behaviour"],
                                      "perplexity": base_sel.result["perplexity"], "items": list(base_items)},
                  "search": candidates, "prompting_search": prompt_cands,
-                 "chosen": _chosen(recipe, picked),
+                 "chosen": chosen_summary(recipe, picked),
                  "chosen_system_prompt": system,
                  "combined_search": with_prompt["candidates"] if with_prompt else None,
-                 "chosen_with_prompt": _chosen(with_prompt["recipe"], with_prompt["picked"]) if with_prompt else None,
+                 "chosen_with_prompt": (chosen_summary(with_prompt["recipe"], with_prompt["picked"])
+                                        if with_prompt else None),
                  "heldout": heldout, "gap": gaps, "written_to": written},
     }
     return finish_report(report, timing, started, out, plots)
@@ -183,7 +184,8 @@ def search_with_system(session: Session, search: Sequence[Condition], system: st
     return {"candidates": candidates, "picked": picked, "recipe": recipe}
 
 
-def _chosen(recipe: Recipe | None, picked: dict[str, Any] | None) -> dict[str, Any] | None:
+def chosen_summary(recipe: Recipe | None, picked: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A choice as the report records it: the recipe, its recorded form, its select figures."""
     if recipe is None or picked is None:
         return None
     return {**recipe.to_dict(), "recommended": recipe.recommended(),
