@@ -68,10 +68,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=30, help="optimiser steps")
     t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (relative units)")
     t.add_argument("--beta", type=float, default=0.5, help="preference temperature")
-    t.add_argument("--l2", type=float, default=1.0, help="weight of the squared relative norm")
-    t.add_argument("--init", choices=["zero", "caa"], default="zero", help="starting directions")
+    t.add_argument("--l2", type=float, default=1.0, help="weight of the squared relative norm (--train-strength free)")
+    t.add_argument("--init", choices=["zero", "caa"], default="caa",
+                   help="starting directions (zero needs --train-strength free)")
+    t.add_argument("--train-strength", type=_strength, default=0.2, metavar="S|free",
+                   help="train at the size it is served: total relative strength S over the layers (S/k per layer), "
+                        "directions only; free: the size is trained too, held back by --l2")
+    t.add_argument("--train-context", choices=["chat", "plain"], default="chat",
+                   help="chat: each pair is the assistant's reply in a chat turn (prompt-less pairs answer bundled "
+                        "everyday requests); plain: the pairs as given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract_vllm.add_arguments(p)  # --engine vllm (cli/extract_vllm.py)
+
+
+def _strength(text: str) -> float | None:
+    """``--train-strength``: a relative strength, or ``free``."""
+    if text == "free":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a relative strength or 'free', got {text!r}") from None
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"a relative strength in (0, 10], got {text}")
+    return value
 
 
 def _pairs(args: argparse.Namespace):
@@ -115,7 +135,8 @@ def _extract(args: argparse.Namespace, model: Any, tok: Any, pairs: Any, kw: dic
             layers = extract_auto(model, tok, pairs, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
                                   seed=args.seed, **{**kw, "progress": False}).layers
         cfg = BiPOConfig(steps=args.steps, lr=args.lr, beta=args.beta, l2=args.l2, init=args.init,
-                         batch_size=args.batch_size, holdout_fraction=args.holdout_fraction, seed=args.seed)
+                         strength=args.train_strength, context=args.train_context, batch_size=args.batch_size,
+                         holdout_fraction=args.holdout_fraction, seed=args.seed)
         return train_bipo(model, tok, pairs, layers, cfg, chat_template=args.chat_template, max_length=args.max_length,
                           progress=kw["progress"], behaviour=args.behaviour, model_id=kw["model_id"],
                           batch_size=args.batch_size, token_position=kw["token_position"])
@@ -228,7 +249,11 @@ def _summary(args: argparse.Namespace, vs: Any, n_pairs: int, device: str, dtype
     training = vs.provenance.get("training")
     if training:
         b, a = training["before"]["heldout"], training["after"]["heldout"]
-        print(f"bipo: objective {training['before']['train']['objective']:.3f} -> "
-              f"{training['after']['train']['objective']:.3f} (train); held-out preference accuracy "
-              f"{b['accuracy']:.2f} -> {a['accuracy']:.2f}, mean gain {b['mean_delta']:+.2f} -> {a['mean_delta']:+.2f} "
-              f"nats/pair")
+        size = vs.params.get("bipo_strength")
+        cos = list((training.get("cosine_to_caa") or {}).values())
+        print(f"bipo ({training.get('context', 'plain')} context, "
+              f"{f'trained at {size:g} relative' if size is not None else 'free size'}): objective "
+              f"{training['before']['train']['objective']:.3f} -> {training['after']['train']['objective']:.3f} (train); "
+              f"held-out preference accuracy {b['accuracy']:.2f} -> {a['accuracy']:.2f}, mean gain "
+              f"{b['mean_delta']:+.2f} -> {a['mean_delta']:+.2f} nats/pair"
+              + (f"; cosine to the mean difference {min(cos):.2f}-{max(cos):.2f}" if cos else ""))

@@ -38,15 +38,16 @@ def check_center(center: str) -> str:
     return center
 
 
-def load_neutral(path: str | None = None) -> list[str]:
-    """Texts of a neutral corpus: ``path`` (JSONL of {"text"} or plain lines) or the bundled one."""
+def load_neutral(path: str | None = None, bundled: str = "neutral") -> list[str]:
+    """Texts of a neutral corpus: ``path`` (JSONL of {"text"} or plain lines) or the bundled
+    file ``extract/data/<bundled>.jsonl`` (``requests``: the user turns bipo trains under)."""
     if path:
         try:
             raw = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the neutral corpus {path}: {e}") from None
     else:
-        raw = resources.files("vsteer.extract").joinpath("data", "neutral.jsonl").read_text(encoding="utf-8")
+        raw = resources.files("vsteer.extract").joinpath("data", f"{bundled}.jsonl").read_text(encoding="utf-8")
     texts = []
     for line in raw.splitlines():
         line = line.strip()

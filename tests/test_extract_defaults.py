@@ -84,7 +84,7 @@ def test_bipo_objective_decreases_and_writes_a_vector_set(tiny_model_path, ocean
     out = tmp_path / "bipo"
     assert cli_main(["extract", "--model", tiny_model_path, "--pairs", ocean16, "--layers", "1,2", "--method", "bipo",
                      "--steps", "8", "--lr", "0.01", "--out", str(out), "--no-progress", "--no-check"]) == 0
-    assert "bipo: objective" in capsys.readouterr().out
+    assert "bipo (chat context, trained at 0.2 relative): objective" in capsys.readouterr().out
     vs = load_vector_set(str(out))
     assert vs.method == "bipo" and vs.layers == [1, 2] and set(vs.residual_norms) == {1, 2}
     training = vs.provenance["training"]
@@ -112,7 +112,60 @@ def test_bipo_cli_defaults_are_the_configs():
     args = build_parser("extract").parse_args(["extract", "--model", "m", "--pairs", "p", "--out", "o"])
     cfg = BiPOConfig()
     assert (args.steps, args.lr, args.beta, args.l2, args.init) == (cfg.steps, cfg.lr, cfg.beta, cfg.l2, cfg.init)
+    assert (args.train_strength, args.train_context) == (cfg.strength, cfg.context)
     assert args.holdout_fraction == cfg.holdout_fraction and args.seed == cfg.seed
+    free = build_parser("extract").parse_args(["extract", "--model", "m", "--pairs", "p", "--out", "o",
+                                               "--train-strength", "free", "--init", "zero"])
+    assert free.train_strength is None and free.init == "zero"
+
+
+def test_bipo_trains_at_the_served_size_in_a_chat_turn(tiny_hf):
+    """With a fixed strength s over k layers every trained vector is s/k of its layer's
+    residual norm, the size ``{"strength": s/k, "unit": "relative"}`` serves it at; the
+    prompt-less pairs are trained as replies to the bundled requests (which are no
+    evaluation prompts: tests/test_heldout_protocol.py)."""
+    from vsteer.extract.centering import load_neutral
+    from vsteer.extract.trained import BiPOConfig, in_chat, train_bipo
+
+    model, tok = tiny_hf
+    pairs = ContrastPairDataset.from_bundled("ocean")[:6]
+    vs = train_bipo(model, tok, pairs, [1, 2], BiPOConfig(steps=2, batch_size=2, lr=0.01, strength=0.3),
+                    progress=False)
+    for layer in (1, 2):
+        assert float(vs.vectors[layer].norm()) == pytest.approx(0.15 * vs.residual_norms[layer], rel=1e-4)
+    training = vs.provenance["training"]
+    assert training["context"] == "chat" and vs.params["bipo_context_used"] == "chat"
+    assert list(training["relative_norms"].values()) == pytest.approx([0.15, 0.15], rel=1e-4)
+
+    requests = load_neutral(bundled="requests")
+    assert len(requests) == 64
+    prompted = ContrastPair("yes", "no", prompt="Say something.")
+    chat = in_chat(ContrastPairDataset([*pairs, prompted]), seed=0)
+    assert all(p.prompt in requests for p in chat[:6]) and chat[6].prompt == "Say something."
+    assert [p.positive for p in chat] == [p.positive for p in [*pairs, prompted]]
+
+
+def test_bipo_without_a_chat_template_trains_on_the_pairs_as_given(tiny_hf):
+    from vsteer.extract.trained import BiPOConfig, train_bipo
+
+    model, tok = tiny_hf
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        vs = train_bipo(model, tok, ContrastPairDataset.from_bundled("ocean")[:4], [2],
+                        BiPOConfig(steps=1, batch_size=2), progress=False)
+    finally:
+        tok.chat_template = template
+    assert vs.provenance["training"]["context"] == "plain" and vs.params["bipo_context"] == "chat"
+
+
+@pytest.mark.parametrize("kw,message", [(dict(init="zero"), "start from the mean difference"),
+                                        (dict(strength=0.0), "strength must be"),
+                                        (dict(context="prompted"), "context must be")])
+def test_bipo_config_refuses_what_cannot_train(kw, message):
+    from vsteer.extract.trained import BiPOConfig
+
+    with pytest.raises(ValueError, match=message):
+        BiPOConfig(**kw)
 
 
 def test_vllm_engine_refuses_what_it_cannot_read_before_starting(tiny_model_path, tmp_path, capsys):

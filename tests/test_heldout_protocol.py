@@ -46,3 +46,19 @@ def test_prompts_name_no_concept_and_are_not_the_development_prompts():
     for s, c in zip(scorers, _concepts()):
         assert s.name == c["name"] and s.concept == c["concept"] and s.kind == "generation"
         assert len(s.system_prompts) >= 4 and all(c["concept"] in t for t in s.system_prompts)
+
+
+def test_bipo_training_requests_are_no_evaluation_prompt_and_name_no_concept():
+    """`--method bipo` trains prompt-less pairs as replies to these requests: none may be an
+    evaluation prompt, or name a development or held-out concept."""
+    from vsteer.extract.centering import load_neutral
+
+    requests = load_neutral(bundled="requests")
+    evaluated = set(load_prompts(str(HELD.joinpath("prompts.jsonl")))) | set(load_prompts("concept_prompts.jsonl"))
+    evaluated |= set(load_prompts("eval_prompts.jsonl"))
+    assert len(requests) == len(set(requests)) == 64
+    assert not {r.lower() for r in requests} & {e.lower() for e in evaluated}
+    scorers = [load_scorer(str(HELD.joinpath(f"{c['name']}.scorer.json"))) for c in _concepts()]
+    patterns = [keyword_pattern(s.keywords) for s in scorers] + [keyword_pattern(BEHAVIOURS[n].keywords) for n in DEV]
+    for request in requests:
+        assert not any(p.search(request) for p in patterns), request
