@@ -54,7 +54,7 @@ DEV = ("ocean", "cooking", "space")
 METHODS = ("caa", "bipo")
 LAYERS = "3-10"
 GRID = dict(bands=[(6, 7, 8, 9), tuple(range(3, 11))], positions=("all",), strengths=(0.1, 0.15, 0.2, 0.3))
-DEV_BIPO = ("ocean",)  # bipo's development run in generations (CPU time); its settings came from likelihoods
+DEV_BIPO = ("ocean",)  # bipo in generations on one development concept (CPU time); its settings: bipo_dev.py
 OTHER_POSITIONS = ("last", "first")   # the CLI default (auto) is "mean" for these whole-sentence pairs
 REPLAY_BUDGETS = ("1.3",)  # the targets' perplexity bound: the held-out choices replayed at it (secondary)
 TINY = ("0-3", [(1, 2), (0, 1, 2, 3)])  # the tiny test model has 4 layers (smoke runs)

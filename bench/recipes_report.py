@@ -110,7 +110,8 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
                 **{k: _h(u, k) for k in ("unsteered", "prompting", "steering", "both")},
                 "z": (_h(u, "steering") or {}).get("z_vs_random"), "check": u["extract"]["check"],
                 "training": u["extract"].get("training"), "extract": u["extract"]["argv"],
-                "token_position": u["extract"]["token_position"]}
+                "token_position": u["extract"]["token_position"], "frontier": frontier(t.get("search") or []),
+                "select_unsteered": (t.get("select_baseline") or {}).get("behaviour")}
         ms = entry["methods"]
         if ms:  # the best method is chosen on the select half only (its rule score), never on the score half
             scored = {m: v["select_rule_score"] for m, v in ms.items() if v["select_rule_score"] is not None}
@@ -132,6 +133,23 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
                               for p, u in positions.items() if u is not None}
         out[c] = entry
     out["targets"] = targets(out)
+    return out
+
+
+FRONTIER = (1.2, 1.3, 1.5, 2.0, None)  # perplexity bounds of the frontier table (None: any)
+
+
+def frontier(search: list[dict]) -> dict[str, dict | None]:
+    """The strongest select-half point of a search within each bound of ``FRONTIER``: how
+    much a method moves the rate for how much perplexity, whether or not a choice fits."""
+    out: dict[str, dict | None] = {}
+    for bound in FRONTIER:
+        inside = [r for r in search if r.get("behaviour") is not None and r.get("ppl_ratio") is not None
+                  and (bound is None or r["ppl_ratio"] <= bound)]
+        best = max(inside, key=lambda r: (r["behaviour"], -r["ppl_ratio"]), default=None)
+        out["any" if bound is None else f"{bound:g}"] = best and {
+            "behaviour": best["behaviour"], "ppl_ratio": best["ppl_ratio"], "band": best["recipe"]["band"],
+            "strength": best["recipe"]["strength"]}
     return out
 
 
@@ -200,7 +218,9 @@ def render(res: dict) -> str:
          f"{p['model']}, `{p['backend']}` backend, greedy, {p['max_new_tokens']} new tokens. Vectors made as a user "
          f"makes them: `vsteer extract --pairs P --layers {p['layers']}` with the CLI defaults (token position from "
          "the pairs: `mean` for these whole-sentence topic pairs; the held-out check), for `caa` and for `bipo` "
-         "(trained, default hyperparameters). `vsteer tune` grid: bands "
+         "(trained with its defaults: at 0.2 relative over the band, each pair a reply in a chat turn; "
+         "docs/extraction.md; this is its second version, as the first did nothing in generations; "
+         "eval/data/heldout/README.md lists when the held-out list was scored). `vsteer tune` grid: bands "
          f"{', '.join('-'.join(map(str, (b[0], b[-1]))) for b in p['grid']['bands'])} x strengths "
          f"{', '.join(map(str, p['grid']['strengths']))} (relative, summed over the band) x positions "
          f"{', '.join(p['grid']['positions'])}; budget {p['budget']:g}x perplexity on the select half; prompting = "
@@ -279,6 +299,13 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
          "by its gain over the message alone):", "",
          _table(["concept", "method", "tuned recipe", "unsteered", "prompting", "steering", "z vs random",
                  "recipe with the message", "steering + prompting", "steering select -> score"], rows), ""]
+    frows = [[c, m, f(v.get("select_unsteered"))] + [f"{f(x['behaviour'])} ({x['band']}, {x['strength']:g})" if x
+                                                      else "n/a" for x in v["frontier"].values()]
+             for c in names for m, v in held[c]["methods"].items() if v.get("frontier")]
+    if frows:
+        L += ["Select-half frontier (no prompting): the highest concept rate of any grid point within each perplexity "
+              "bound (band, relative strength):", "",
+              _table(["concept", "method", "unsteered", *(f"<= {b:g}x" if b else "any" for b in FRONTIER)], frows), ""]
     L.append("Chosen system messages: " + "; ".join(
         f"{c}: {json.dumps(next(iter(held[c]['methods'].values()))['system_prompt'])}" for c in names) + ".")
     L.append("")
@@ -301,13 +328,16 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
     for c in names:
         tr = (held[c]["methods"].get("bipo") or {}).get("training")
         if tr:
-            trows.append([c, f(tr["before"]["train"]["objective"], 3), f(tr["after"]["train"]["objective"], 3),
+            cos = list((tr.get("cosine_to_caa") or {}).values())
+            trows.append([c, tr.get("context", "plain"), f(tr["before"]["train"]["objective"], 3),
+                          f(tr["after"]["train"]["objective"], 3),
                           f"{f(tr['before']['heldout']['accuracy'])} -> {f(tr['after']['heldout']['accuracy'])}",
-                          f"{f(tr['after']['heldout']['mean_delta'])}"])
+                          f"{f(tr['after']['heldout']['mean_delta'])}",
+                          f"{f(min(cos))}-{f(max(cos))}" if cos else "n/a"])
     if trows:
-        L += ["`bipo` training (held-out = the 25% of pairs training never saw):", "",
-              _table(["concept", "objective before", "after", "held-out preference accuracy", "held-out gain (nats/pair)"],
-                     trows), ""]
+        L += ["`bipo` training (held-out = the 25% of pairs training never saw; gain at the trained size):", "",
+              _table(["concept", "context", "objective before", "after", "held-out preference accuracy",
+                      "held-out gain (nats/pair)", "cosine to caa"], trows), ""]
     return L
 
 

@@ -48,3 +48,16 @@ def test_a_concept_where_nothing_was_chosen_counts_as_a_miss(report):
     assert two["per_concept"]["birds"]["met"]
     text = "\n".join(report._render_targets(t))
     assert "1 of 2" in text and "dinosaurs none chosen" in text
+
+
+def test_frontier_is_the_strongest_point_within_each_bound(report):
+    """A search where nothing fits the budget still shows how far each method moves the rate
+    for how much perplexity; ties go to the lower perplexity, a bound with no point is None."""
+    def point(rate, ppl, strength):
+        return {"behaviour": rate, "ppl_ratio": ppl, "recipe": {"band": "6-9", "strength": strength}}
+
+    search = [point(0.0, 1.25, 0.1), point(0.19, 1.40, 0.2), point(0.47, 2.14, 0.3), point(0.19, 1.35, 0.15)]
+    got = report.frontier(search)
+    assert got["1.2"] is None and got["1.3"]["behaviour"] == 0.0
+    assert (got["1.5"]["behaviour"], got["1.5"]["strength"]) == (0.19, 0.15)
+    assert got["2"]["strength"] == 0.15 and got["any"]["behaviour"] == 0.47
