@@ -49,6 +49,7 @@ from torch import nn
 from vsteer.engine.vectors import SteeringVectorSet
 
 from .caa import extract_caa
+from .centering import load_neutral
 from .likelihood import AddVectors, completion_logprobs, encode_pairs
 from .pairs import ContrastPair, ContrastPairDataset
 from .runner import model_device
@@ -202,8 +203,6 @@ def train_bipo(model: nn.Module, tokenizer: Any, pairs: ContrastPairDataset | Se
 def in_chat(pairs: ContrastPairDataset, seed: int) -> ContrastPairDataset:
     """Pairs without a prompt become replies to the bundled requests (seeded order, one
     request per pair, cycling); pairs with a prompt keep theirs."""
-    from .centering import load_neutral
-
     requests = load_neutral(bundled="requests")
     random.Random(seed).shuffle(requests)
     out = [p if p.prompt else replace(p, prompt=requests[i % len(requests)]) for i, p in enumerate(pairs)]
