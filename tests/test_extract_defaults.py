@@ -145,6 +145,21 @@ def test_bipo_trains_at_the_served_size_in_a_chat_turn(tiny_hf):
     assert [p.positive for p in chat] == [p.positive for p in [*pairs, prompted]]
 
 
+def test_bipo_free_size_is_the_first_version(tiny_hf):
+    """``strength=None`` trains the size as well (from zero, held back by l2): the vectors
+    leave zero, their sizes differ from any fixed served size, the objective records l2."""
+    from vsteer.extract.trained import BiPOConfig, train_bipo
+
+    model, tok = tiny_hf
+    vs = train_bipo(model, tok, ContrastPairDataset.from_bundled("ocean")[:6], [1, 2],
+                    BiPOConfig(steps=3, batch_size=2, lr=0.01, strength=None, init="zero", context="plain"),
+                    progress=False)
+    training = vs.provenance["training"]
+    norms = list(training["relative_norms"].values())
+    assert all(n > 0 for n in norms) and norms[0] != pytest.approx(norms[1], rel=1e-6)
+    assert "λ" in training["objective"] and training["context"] == "plain"
+
+
 def test_bipo_without_a_chat_template_trains_on_the_pairs_as_given(tiny_hf):
     from vsteer.extract.trained import BiPOConfig, train_bipo
 
