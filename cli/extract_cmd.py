@@ -123,21 +123,27 @@ def resolve_position(args: argparse.Namespace, pairs: Any) -> str:
     return position
 
 
+def bipo_config(args: argparse.Namespace) -> Any:
+    """``--method bipo``'s flags as a ``BiPOConfig`` (ValueError on a combination it refuses)."""
+    from vsteer.extract.trained import BiPOConfig
+
+    return BiPOConfig(steps=args.steps, lr=args.lr, beta=args.beta, l2=args.l2, init=args.init,
+                      strength=args.train_strength, context=args.train_context, batch_size=args.batch_size,
+                      holdout_fraction=args.holdout_fraction, seed=args.seed)
+
+
 def _extract(args: argparse.Namespace, model: Any, tok: Any, pairs: Any, kw: dict[str, Any]):
     from vsteer.extract.caa import extract_caa
     from vsteer.extract.layer_select import extract_auto
 
     if args.method == "bipo":
-        from vsteer.extract.trained import BiPOConfig, train_bipo
+        from vsteer.extract.trained import train_bipo
 
         layers = args.layers
         if layers == "auto":  # train where held-out pairs separate best
             layers = extract_auto(model, tok, pairs, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
                                   seed=args.seed, **{**kw, "progress": False}).layers
-        cfg = BiPOConfig(steps=args.steps, lr=args.lr, beta=args.beta, l2=args.l2, init=args.init,
-                         strength=args.train_strength, context=args.train_context, batch_size=args.batch_size,
-                         holdout_fraction=args.holdout_fraction, seed=args.seed)
-        return train_bipo(model, tok, pairs, layers, cfg, chat_template=args.chat_template, max_length=args.max_length,
+        return train_bipo(model, tok, pairs, layers, bipo_config(args), chat_template=args.chat_template, max_length=args.max_length,
                           progress=kw["progress"], behaviour=args.behaviour, model_id=kw["model_id"],
                           batch_size=args.batch_size, token_position=kw["token_position"])
     if args.layers == "auto":
@@ -188,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
         return _error(e.args[0] if isinstance(e, KeyError) else str(e))
     if args.center != "none" and args.method != "caa":
         return _error(f"--center applies to --method caa, not {args.method}")
+    if args.method == "bipo":
+        try:  # before the model loads: a refused combination of flags costs nothing
+            bipo_config(args)
+        except ValueError as e:
+            return _error(str(e))
     if args.engine == "vllm":  # extraction inside vLLM's engine (cli/extract_vllm.py)
         return extract_vllm.run_vllm(args, pairs)
     position = resolve_position(args, pairs)
