@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from recipes import DEV  # noqa: E402  the development concepts (never the held-out list)
 
 NAME = "bipo_dev"
 LAYERS = tuple(range(3, 11))
-DEV = ("ocean", "cooking", "space")
 VARIANTS = {  # BiPOConfig overrides; "caa" is the mean difference
     "caa": None,
     "v1": dict(strength=None, context="plain", init="zero", l2=1.0),  # the first version's defaults
@@ -35,7 +35,7 @@ VARIANTS = {  # BiPOConfig overrides; "caa" is the mean difference
 
 
 def make_set(model, tok, concept: str, variant: str, work: Path):
-    """The variant's vector set (cached in ``work``) and its training seconds."""
+    """The variant's vector set, trained (or extracted) once and cached in ``work``."""
     from vsteer.engine.formats import load_vector_set
     from vsteer.extract.caa import extract_caa
     from vsteer.extract.output import write_vector_set

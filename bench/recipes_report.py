@@ -125,8 +125,7 @@ def analyse_heldout(units: dict[str, dict], budget: float) -> dict[str, Any]:
                                   "zero_vector": bool(u.get("zero_vector")),
                                   # the vector's strongest select-half point at any perplexity: do positions differ
                                   # at all, where no tuned recipe fits the budget?
-                                  "strongest": max(u["tune"].get("search") or [{}],
-                                                   key=lambda r: (r.get("behaviour") or 0.0, -(r.get("ppl_ratio") or 0.0))),
+                                  "strongest": frontier(u["tune"].get("search") or [])["any"],
                                   # what the position gives: its tuned steering, else (nothing moved, or a zero
                                   # vector) the unsteered model
                                   "rate": _rate(_h(u, "steering")) if _h(u, "steering") else unsteered}
@@ -206,6 +205,13 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def _recipe(ch: dict | None) -> str:
     return f"layers {ch['band']}, {ch['strength']:g} rel, {ch['positions']}" if ch else "none in budget"
+
+
+def _point(x: dict | None, ppl: bool = True) -> str:
+    """A ``frontier`` point: its rate (and perplexity ratio), band and relative strength."""
+    if not x:
+        return "n/a"
+    return f"{_cell(x) if ppl else f(x['behaviour'])} ({x['band']}, {x['strength']:g})"
 
 
 def _cell(r: dict | None) -> str:
@@ -299,8 +305,7 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
          "by its gain over the message alone):", "",
          _table(["concept", "method", "tuned recipe", "unsteered", "prompting", "steering", "z vs random",
                  "recipe with the message", "steering + prompting", "steering select -> score"], rows), ""]
-    frows = [[c, m, f(v.get("select_unsteered"))] + [f"{f(x['behaviour'])} ({x['band']}, {x['strength']:g})" if x
-                                                      else "n/a" for x in v["frontier"].values()]
+    frows = [[c, m, f(v.get("select_unsteered"))] + [_point(x, ppl=False) for x in v["frontier"].values()]
              for c in names for m, v in held[c]["methods"].items() if v.get("frontier")]
     if frows:
         L += ["Select-half frontier (no prompting): the highest concept rate of any grid point within each perplexity "
@@ -316,7 +321,7 @@ def _render_heldout(held: dict, p: dict) -> list[str]:
             prow.append([c, pos if pos != "auto" else f"default ({v['token_position']})",
                          "zero vector: not searched" if v["zero_vector"] else _recipe(v["chosen"]),
                          _cell(v["steering"]) if v["steering"] else f"{f(v['rate'])} (unsteered)",
-                         f"{(v.get('strongest') or {}).get('key', 'n/a')}: {_cell(v.get('strongest') or None)}",
+                         _point(v.get("strongest")),
                          f"{f(ck.get('accuracy'))} / {f(ck.get('gain'))} (z {f(ck.get('z'), 1)})",
                          "weak" if ck.get("weak") else "ok"])
     L += ["Token positions (caa; each vector searched the same way, no prompting; check = held-out projection "

@@ -82,16 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _strength(text: str) -> float | None:
-    """``--train-strength``: a relative strength, or ``free``."""
+    """``--train-strength``: a number, or ``free`` (its range is ``BiPOConfig``'s rule)."""
     if text == "free":
         return None
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a relative strength or 'free', got {text!r}") from None
-    if not 0 < value <= 10:
-        raise argparse.ArgumentTypeError(f"a relative strength in (0, 10], got {text}")
-    return value
 
 
 def _pairs(args: argparse.Namespace):

@@ -81,7 +81,7 @@ class BiPOConfig:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.beta <= 0 or self.l2 < 0:
             raise ValueError("steps and batch_size must be >= 1, lr and beta > 0, l2 >= 0")
         if self.strength is not None and not 0 < self.strength <= 10:
-            raise ValueError(f"strength must be in (0, 10] (relative) or None, got {self.strength}")
+            raise ValueError(f"the training strength must be in (0, 10] relative, or free (None); got {self.strength}")
         if self.strength is not None and self.init == "zero":
             raise ValueError("a fixed strength trains directions only; they start from the mean difference "
                              "(init='caa'), not from zero")

@@ -173,11 +173,13 @@ def test_bipo_without_a_chat_template_trains_on_the_pairs_as_given(tiny_hf):
     assert vs.provenance["training"]["context"] == "plain" and vs.params["bipo_context"] == "chat"
 
 
-def test_refused_bipo_flags_fail_before_the_model_loads(tmp_path, capsys):
+@pytest.mark.parametrize("flags,message", [(["--init", "zero"], "start from the mean difference"),
+                                           (["--train-strength", "-1"], "training strength must be in (0, 10]")])
+def test_refused_bipo_flags_fail_before_the_model_loads(tmp_path, capsys, flags, message):
     """No model exists at --model: the refused combination is what the user hears, at once."""
     rc = cli_main(["extract", "--model", str(tmp_path / "no-model"), "--pairs", "ocean", "--method", "bipo",
-                   "--init", "zero", "--out", str(tmp_path / "x")])
-    assert rc == 2 and "start from the mean difference" in capsys.readouterr().err
+                   *flags, "--out", str(tmp_path / "x")])
+    assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
